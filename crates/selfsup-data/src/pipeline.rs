@@ -1,0 +1,195 @@
+//! A view pipeline (a list of transforms then normalisation), multi-view sets, and the presets.
+
+use std::sync::Arc;
+
+use rand::SeedableRng;
+
+use crate::transforms::{
+    ColorJitter, GaussianBlur, HorizontalFlip, Normalize, RandomGrayscale, RandomResizedCrop,
+    Rng, Solarize, Transform,
+};
+use crate::{Error, Image, Result};
+
+/// Transforms applied in order, then [`Normalize`] to `f32`.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    /// The `u8` transforms.
+    pub transforms: Vec<Arc<dyn Transform>>,
+    /// Final normalisation.
+    pub normalize: Normalize,
+}
+
+impl Pipeline {
+    /// Only normalisation (evaluation).
+    pub fn eval(normalize: Normalize) -> Self {
+        Self {
+            transforms: vec![],
+            normalize,
+        }
+    }
+
+    /// Apply the `u8` transforms.
+    pub fn augment(&self, mut img: Image, rng: &mut Rng) -> Image {
+        for t in &self.transforms {
+            img = t.apply(img, rng);
+        }
+        img
+    }
+
+    /// Apply everything, writing `f32` CHW into `out`. Returns the output shape `(C, H, W)`.
+    pub fn apply_into(&self, img: Image, rng: &mut Rng, out: &mut Vec<f32>) -> (usize, usize, usize) {
+        let img = self.augment(img, rng);
+        let start = out.len();
+        out.resize(start + img.data.len(), 0.0);
+        self.normalize.apply_into(&img, &mut out[start..]);
+        (img.channels, img.height, img.width)
+    }
+}
+
+/// `N` views per image, each from its own pipeline (SimCLR: two of the same; BYOL: two different).
+#[derive(Clone, Debug)]
+pub struct MultiView {
+    /// One pipeline per view.
+    pub views: Vec<Pipeline>,
+}
+
+impl MultiView {
+    /// `n` views from the same pipeline.
+    pub fn repeat(p: Pipeline, n: usize) -> Self {
+        Self {
+            views: vec![p; n],
+        }
+    }
+
+    /// Number of views.
+    pub fn len(&self) -> usize {
+        self.views.len()
+    }
+
+    /// Whether there are no views.
+    pub fn is_empty(&self) -> bool {
+        self.views.is_empty()
+    }
+}
+
+/// Mix a seed with further words into an independent 64-bit seed (SplitMix64 finaliser).
+pub fn mix_seed(seed: u64, words: &[u64]) -> u64 {
+    let mut z = seed;
+    for &w in words {
+        z = z
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(w.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    z
+}
+
+/// The generator for one (seed, epoch, item, view): independent of thread count and order.
+pub fn item_rng(seed: u64, epoch: u64, index: u64, view: u64) -> Rng {
+    Rng::seed_from_u64(mix_seed(seed, &[epoch, index, view]))
+}
+
+/// Named augmentation recipes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// SimCLR's CIFAR-10 recipe: crop 0.08-1, flip, jitter 0.4/0.4/0.4/0.1 (p 0.8),
+    /// grayscale p 0.2, no blur.
+    SimclrCifar,
+    /// SimCLR's ImageNet recipe: as `SimclrCifar` plus Gaussian blur (p 0.5, sigma 0.1-2).
+    SimclrImagenet,
+    /// BYOL's asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize p 0.2
+    /// (jitter 0.4/0.4/0.2/0.1 p 0.8).
+    Byol,
+    /// No augmentation, normalisation only.
+    None,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "simclr_cifar" | "simclr-cifar" => Ok(Self::SimclrCifar),
+            "simclr_imagenet" | "simclr-imagenet" => Ok(Self::SimclrImagenet),
+            "byol" => Ok(Self::Byol),
+            "none" => Ok(Self::None),
+            _ => Err(Error::Config(format!(
+                "unknown augmentation preset {s:?} (known: simclr_cifar, simclr_imagenet, byol, none)"
+            ))),
+        }
+    }
+}
+
+fn simclr_base(size: usize, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
+    vec![
+        Arc::new(RandomResizedCrop::new(size)),
+        Arc::new(HorizontalFlip { p: 0.5 }),
+        Arc::new(jitter),
+        Arc::new(RandomGrayscale { p: 0.2 }),
+    ]
+}
+
+fn simclr_jitter() -> ColorJitter {
+    ColorJitter {
+        brightness: 0.4,
+        contrast: 0.4,
+        saturation: 0.4,
+        hue: 0.1,
+        p: 0.8,
+    }
+}
+
+/// The views of a preset for images of side `size`.
+pub fn preset_views(preset: Preset, size: usize, normalize: Normalize) -> MultiView {
+    match preset {
+        Preset::SimclrCifar => MultiView::repeat(
+            Pipeline {
+                transforms: simclr_base(size, simclr_jitter()),
+                normalize,
+            },
+            2,
+        ),
+        Preset::SimclrImagenet => {
+            let mut t = simclr_base(size, simclr_jitter());
+            t.push(Arc::new(GaussianBlur::simclr(size, 0.5)));
+            MultiView::repeat(
+                Pipeline {
+                    transforms: t,
+                    normalize,
+                },
+                2,
+            )
+        }
+        Preset::Byol => {
+            let jitter = ColorJitter {
+                brightness: 0.4,
+                contrast: 0.4,
+                saturation: 0.2,
+                hue: 0.1,
+                p: 0.8,
+            };
+            let mut v1 = simclr_base(size, jitter.clone());
+            v1.push(Arc::new(GaussianBlur::simclr(size, 1.0)));
+            let mut v2 = simclr_base(size, jitter);
+            v2.push(Arc::new(GaussianBlur::simclr(size, 0.1)));
+            v2.push(Arc::new(Solarize {
+                threshold: 128,
+                p: 0.2,
+            }));
+            MultiView {
+                views: vec![
+                    Pipeline {
+                        transforms: v1,
+                        normalize: normalize.clone(),
+                    },
+                    Pipeline {
+                        transforms: v2,
+                        normalize,
+                    },
+                ],
+            }
+        }
+        Preset::None => MultiView::repeat(Pipeline::eval(normalize), 1),
+    }
+}
