@@ -1,1 +1,144 @@
-fn main() {}
+//! `cargo xtask`: project automation (data download, test matrix, benchmarks).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "selfsup project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download (or copy), verify and extract CIFAR-10 into DATA_DIR/cifar-10-batches-bin.
+    Cifar10 {
+        /// URL or local path of cifar-10-binary.tar.gz (default: the official URL).
+        #[arg(long, env = "SELFSUP_CIFAR10_SOURCE")]
+        source: Option<String>,
+        /// Expected sha256 of the archive (default: the official digest for the official URL).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Where the data goes.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Run the test matrix: fmt, clippy and the workspace tests on a device.
+    Test {
+        /// cpu: default features; cuda: with `--features cuda`.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+    },
+    /// Benchmarks (results go to docs/benchmarks.md by hand, with the command).
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn cuda_available() -> Option<String> {
+    let nvcc = Command::new("nvcc")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let smi = Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    match (nvcc, smi) {
+        (Some(_), Some(_)) => None,
+        (None, _) => Some("no CUDA toolkit found (nvcc is not on PATH)".into()),
+        (_, None) => Some("no NVIDIA GPU found (nvidia-smi -L failed)".into()),
+    }
+}
+
+fn test(device: Device) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let features: &[&str] = match device {
+        Device::Cpu => &[],
+        Device::Cuda => {
+            if let Some(why) = cuda_available() {
+                bail!("cannot run the cuda matrix: {why}");
+            }
+            &["--features", "cuda"]
+        }
+    };
+    run(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
+    run(Command::new(&cargo)
+        .args(["clippy", "--workspace", "--all-targets"])
+        .args(features)
+        .args(["--", "-D", "warnings"]))?;
+    run(Command::new(&cargo)
+        .args(["test", "--workspace"])
+        .args(features))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Cifar10 {
+            source,
+            sha256,
+            data_dir,
+        } => {
+            let opts = selfsup_data::download::FetchOptions {
+                source,
+                sha256,
+                data_dir,
+                progress: true,
+                attempts: 3,
+            };
+            selfsup_data::download::fetch_cifar10(&opts)
+                .map(|f| match f {
+                    selfsup_data::download::Fetched::AlreadyPresent(p) => {
+                        println!("CIFAR-10 already present and complete in {}", p.display())
+                    }
+                    selfsup_data::download::Fetched::Extracted(p) => {
+                        println!("CIFAR-10 verified and extracted to {}", p.display())
+                    }
+                })
+                .map_err(anyhow::Error::from)
+        }
+        Cmd::Test { device } => test(device),
+        Cmd::Bench { what } => bench::run(what),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

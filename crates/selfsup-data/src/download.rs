@@ -18,14 +18,17 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::cifar::{self, BATCHES_DIR, META_FILE, RECORDS_PER_FILE, RECORD_LEN, TEST_FILE, TRAIN_FILES};
+use crate::cifar::{
+    self, BATCHES_DIR, META_FILE, RECORDS_PER_FILE, RECORD_LEN, TEST_FILE, TRAIN_FILES,
+};
 use crate::error::IoContext;
 use crate::{Error, Result};
 
 /// The official archive.
 pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 /// Its sha256.
-pub const OFFICIAL_SHA256: &str = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
+pub const OFFICIAL_SHA256: &str =
+    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
 /// Its size in bytes.
 pub const OFFICIAL_SIZE: u64 = 170_052_171;
 /// Environment variable that may stand in for `source`.
@@ -222,7 +225,10 @@ fn download_once(agent: &ureq::Agent, url: &str, part: &Path, progress: bool) ->
         .and_then(|v| v.parse().ok());
     let (mut file, start) = match status {
         206 if have > 0 => {
-            let f = std::fs::OpenOptions::new().append(true).open(part).at(part)?;
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(part)
+                .at(part)?;
             (f, have)
         }
         200 | 206 => (File::create(part).at(part)?, 0),
@@ -312,10 +318,7 @@ pub fn extract(archive: &Path, data_dir: &Path) -> Result<PathBuf> {
     let mut buf = vec![0u8; 1 << 16];
     for entry in ar.entries().map_err(|e| corrupt(archive, e))? {
         let mut entry = entry.map_err(|e| corrupt(archive, e))?;
-        let path = entry
-            .path()
-            .map_err(|e| corrupt(archive, e))?
-            .into_owned();
+        let path = entry.path().map_err(|e| corrupt(archive, e))?.into_owned();
         let unsafe_path = path.is_absolute()
             || path
                 .components()
@@ -323,7 +326,10 @@ pub fn extract(archive: &Path, data_dir: &Path) -> Result<PathBuf> {
         if unsafe_path {
             return Err(Error::BadFile {
                 path: archive.to_path_buf(),
-                msg: format!("member {:?} has an unsafe path (absolute or '..'); nothing extracted", path),
+                msg: format!(
+                    "member {:?} has an unsafe path (absolute or '..'); nothing extracted",
+                    path
+                ),
             });
         }
         let et = entry.header().entry_type();
@@ -333,7 +339,10 @@ pub fn extract(archive: &Path, data_dir: &Path) -> Result<PathBuf> {
         if !(et.is_file() || et == tar::EntryType::Continuous) {
             return Err(Error::BadFile {
                 path: archive.to_path_buf(),
-                msg: format!("member {:?} is a link or special file; nothing extracted", path),
+                msg: format!(
+                    "member {:?} is a link or special file; nothing extracted",
+                    path
+                ),
             });
         }
         let comps: Vec<_> = path

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use rand::SeedableRng;
 
 use crate::transforms::{
-    ColorJitter, GaussianBlur, HorizontalFlip, Normalize, RandomGrayscale, RandomResizedCrop,
-    Rng, Solarize, Transform,
+    ColorJitter, GaussianBlur, HorizontalFlip, Normalize, RandomGrayscale, RandomResizedCrop, Rng,
+    Solarize, Transform,
 };
 use crate::{Error, Image, Result};
 
@@ -37,7 +37,12 @@ impl Pipeline {
     }
 
     /// Apply everything, writing `f32` CHW into `out`. Returns the output shape `(C, H, W)`.
-    pub fn apply_into(&self, img: Image, rng: &mut Rng, out: &mut Vec<f32>) -> (usize, usize, usize) {
+    pub fn apply_into(
+        &self,
+        img: Image,
+        rng: &mut Rng,
+        out: &mut Vec<f32>,
+    ) -> (usize, usize, usize) {
         let img = self.augment(img, rng);
         let start = out.len();
         out.resize(start + img.data.len(), 0.0);
@@ -56,9 +61,7 @@ pub struct MultiView {
 impl MultiView {
     /// `n` views from the same pipeline.
     pub fn repeat(p: Pipeline, n: usize) -> Self {
-        Self {
-            views: vec![p; n],
-        }
+        Self { views: vec![p; n] }
     }
 
     /// Number of views.

@@ -132,7 +132,7 @@ impl ColorJitter {
             ("contrast", self.contrast),
             ("saturation", self.saturation),
         ] {
-            if !(v >= 0.0) {
+            if v.is_nan() || v < 0.0 {
                 return Err(crate::Error::Config(format!("{n} must be >= 0, got {v}")));
             }
         }

@@ -63,7 +63,10 @@ pub fn crop_params(
         )
     } else if in_ratio > ratio.0.max(ratio.1) {
         let h = height;
-        (h, ((h as f64) * ratio.0.max(ratio.1)).round_ties_even() as usize)
+        (
+            h,
+            ((h as f64) * ratio.0.max(ratio.1)).round_ties_even() as usize,
+        )
     } else {
         (height, width)
     };
@@ -121,7 +124,10 @@ fn taps(in_len: usize, out_len: usize) -> Taps {
 /// Crop `b` out of `img` and resize it to `out_h x out_w` (antialiased bilinear).
 pub fn resized_crop(img: &Image, b: CropBox, out_h: usize, out_w: usize) -> Image {
     let (c, h, w) = (img.channels, img.height, img.width);
-    assert!(b.top + b.height <= h && b.left + b.width <= w, "crop box {b:?} outside {h}x{w}");
+    assert!(
+        b.top + b.height <= h && b.left + b.width <= w,
+        "crop box {b:?} outside {h}x{w}"
+    );
     let th = taps(b.width, out_w);
     let tv = taps(b.height, out_h);
     let mut out = vec![0u8; c * out_h * out_w];
