@@ -1,0 +1,86 @@
+//! The `Encoder` trait and the encoder registry.
+
+use std::str::FromStr;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::{ConvnetSeed, Error, ResNet, ResNetConfig, Result, SmallCnn, Stem};
+
+/// An image encoder: `(N, 3, H, W)` images to `(N, D)` features.
+///
+/// `train` selects batch statistics (and updates the running ones) in BatchNorm layers.
+pub trait Encoder: Send + Sync {
+    /// Features of a batch.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// `D`, the feature dimension.
+    fn feature_dim(&self) -> usize;
+}
+
+/// Which encoder to build.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EncoderKind {
+    /// 4 conv3x3 layers 32-64-128-256 with BN + ReLU, max-pool after the first three, global
+    /// average pool (D = 256).
+    SmallCnn,
+    /// ResNet-18/34/50 with a stem and a width multiplier.
+    ResNet(ResNetConfig),
+    /// The seed article's network: conv 5x5 64, ReLU, max-pool 2, flatten, linear to 128.
+    ConvnetSeed,
+}
+
+impl FromStr for EncoderKind {
+    type Err = Error;
+    /// `small-cnn`, `convnet-seed`, `resnet18`, `resnet34`, `resnet50`, optionally with a stem
+    /// and width: `resnet18-imagenet`, `resnet50-cifar-w2`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "small-cnn" => return Ok(Self::SmallCnn),
+            "convnet-seed" => return Ok(Self::ConvnetSeed),
+            _ => {}
+        }
+        let mut parts = s.split('-');
+        let depth = match parts.next() {
+            Some("resnet18") => 18,
+            Some("resnet34") => 34,
+            Some("resnet50") => 50,
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown encoder {s:?} (known: small-cnn, convnet-seed, resnet18, resnet34, resnet50, with optional -cifar/-imagenet and -wN)"
+                )))
+            }
+        };
+        let mut cfg = ResNetConfig {
+            depth,
+            stem: Stem::Cifar,
+            width: 1.0,
+        };
+        for p in parts {
+            match p {
+                "cifar" => cfg.stem = Stem::Cifar,
+                "imagenet" => cfg.stem = Stem::Imagenet,
+                w if w.starts_with('w') => {
+                    cfg.width = w[1..]
+                        .parse()
+                        .map_err(|_| Error::Config(format!("bad width {w:?} in {s:?}")))?
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "unknown encoder option {other:?} in {s:?}"
+                    )))
+                }
+            }
+        }
+        Ok(Self::ResNet(cfg))
+    }
+}
+
+/// Build an encoder of `kind` from `vb` (fresh from [`crate::seeded_var_builder`], or loaded
+/// weights).
+pub fn build_encoder(kind: &EncoderKind, vb: VarBuilder) -> Result<Box<dyn Encoder>> {
+    Ok(match kind {
+        EncoderKind::SmallCnn => Box::new(SmallCnn::new(vb)?),
+        EncoderKind::ResNet(cfg) => Box::new(ResNet::new(cfg, vb)?),
+        EncoderKind::ConvnetSeed => Box::new(ConvnetSeed::new(32, vb)?),
+    })
+}

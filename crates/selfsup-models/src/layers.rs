@@ -1,0 +1,321 @@
+//! Layers with PyTorch's default initialisation and torchvision's parameter names.
+//!
+//! | layer | weight init | bias init |
+//! | --- | --- | --- |
+//! | [`Conv2d`] (`conv2d`) | `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` (PyTorch default) | same bound |
+//! | [`Conv2d`] (`conv2d_kaiming`) | `N(0, 2 / fan_out)` (torchvision ResNet) | none |
+//! | [`Linear`] | `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` | same bound |
+//! | [`BatchNorm`] | weight 1, bias 0, running mean 0, running var 1 | |
+
+use candle_core::{Module, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::Result;
+
+/// Names of buffers that are saved with the weights but never optimised.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+/// Whether a parameter is exempt from weight decay (and LARS adaptation): biases and norm
+/// parameters, i.e. every parameter of rank one.
+pub fn no_weight_decay(name: &str, t: &Tensor) -> bool {
+    t.rank() <= 1 || name.ends_with(".bias")
+}
+
+/// 2-D convolution (square kernel), `(N, C_in, H, W) -> (N, C_out, H', W')`.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// `(C_out, C_in, k, k)`.
+    pub weight: Tensor,
+    /// `(C_out,)`, if any.
+    pub bias: Option<Tensor>,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+fn uniform_bound(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
+
+/// Convolution with PyTorch's default initialisation.
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let init = uniform_bound(c_in * k * k);
+    let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(c_out, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Conv2d {
+        weight,
+        bias,
+        stride,
+        padding,
+    })
+}
+
+/// Bias-free convolution with torchvision ResNet's `kaiming_normal_(mode="fan_out")`.
+pub fn conv2d_kaiming(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let std = (2.0 / (c_out * k * k) as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (c_out, c_in, k, k),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )?;
+    Ok(Conv2d {
+        weight,
+        bias: None,
+        stride,
+        padding,
+    })
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Fully connected layer, `(N, in) -> (N, out)`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `(out, in)`.
+    pub weight: Tensor,
+    /// `(out,)`.
+    pub bias: Option<Tensor>,
+}
+
+/// Linear layer with PyTorch's default initialisation.
+pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let init = uniform_bound(d_in);
+    let weight = vb.get_with_hints((d_out, d_in), "weight", init)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(d_out, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Batch normalisation over dim 1 of `(N, C)` or `(N, C, H, W)` inputs (BatchNorm1d/2d).
+///
+/// Train mode normalises with the batch's biased variance and updates the running statistics
+/// with momentum 0.1 and the unbiased variance, exactly as PyTorch; eval mode uses the running
+/// statistics and changes nothing.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    /// Scale `(C,)` (absent when not affine).
+    pub weight: Option<Tensor>,
+    /// Shift `(C,)`.
+    pub bias: Option<Tensor>,
+    /// Running mean `(C,)`.
+    pub running_mean: Var,
+    /// Running variance `(C,)`.
+    pub running_var: Var,
+    /// Momentum of the running statistics.
+    pub momentum: f64,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+/// BatchNorm with affine parameters (PyTorch defaults: eps 1e-5, momentum 0.1).
+pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    batch_norm_opts(c, true, vb)
+}
+
+/// BatchNorm, optionally without affine parameters.
+pub fn batch_norm_opts(c: usize, affine: bool, vb: VarBuilder) -> Result<BatchNorm> {
+    let (weight, bias) = if affine {
+        (
+            Some(vb.get_with_hints(c, "weight", Init::Const(1.0))?),
+            Some(vb.get_with_hints(c, "bias", Init::Const(0.0))?),
+        )
+    } else {
+        (None, None)
+    };
+    let rm = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+    let rv = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+    Ok(BatchNorm {
+        weight,
+        bias,
+        running_mean: Var::from_tensor(&rm)?,
+        running_var: Var::from_tensor(&rv)?,
+        momentum: 0.1,
+        eps: 1e-5,
+    })
+}
+
+impl BatchNorm {
+    fn stat_shape(&self, x: &Tensor) -> Vec<usize> {
+        let mut s = vec![1; x.rank()];
+        s[1] = x.dim(1).unwrap_or(1);
+        s
+    }
+
+    /// Normalise; `train` selects batch or running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.running_mean.dim(0)?;
+        if x.rank() < 2 || x.dim(1)? != c {
+            return Err(crate::Error::Config(format!(
+                "batch norm over {c} channels got input of shape {:?}",
+                x.shape()
+            )));
+        }
+        let shape = self.stat_shape(x);
+        let (mean, var) = if train {
+            let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+            let n = x.elem_count() / c;
+            if n < 2 {
+                return Err(crate::Error::Config(format!(
+                    "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
+                    x.shape()
+                )));
+            }
+            let mean = x
+                .sum_keepdim(dims.as_slice())?
+                .affine(1.0 / n as f64, 0.0)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc
+                .sqr()?
+                .sum_keepdim(dims.as_slice())?
+                .affine(1.0 / n as f64, 0.0)?;
+            {
+                let m = self.momentum;
+                let mean_d = mean
+                    .detach()
+                    .flatten_all()?
+                    .to_dtype(self.running_mean.dtype())?;
+                let var_d = var
+                    .detach()
+                    .flatten_all()?
+                    .to_dtype(self.running_var.dtype())?;
+                let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean_d * m)?)?;
+                let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
+                    + (var_d * (m * n as f64 / (n as f64 - 1.0)))?)?;
+                self.running_mean.set(&new_mean)?;
+                self.running_var.set(&new_var)?;
+            }
+            let inv = (var + self.eps)?.sqrt()?.recip()?;
+            let y = xc.broadcast_mul(&inv)?;
+            return self.affine(y, &shape);
+        } else {
+            (
+                self.running_mean
+                    .as_tensor()
+                    .to_dtype(x.dtype())?
+                    .reshape(shape.as_slice())?,
+                self.running_var
+                    .as_tensor()
+                    .to_dtype(x.dtype())?
+                    .reshape(shape.as_slice())?,
+            )
+        };
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
+        self.affine(y, &shape)
+    }
+
+    fn affine(&self, y: Tensor, shape: &[usize]) -> Result<Tensor> {
+        Ok(match (&self.weight, &self.bias) {
+            (Some(w), Some(b)) => y
+                .broadcast_mul(&w.reshape(shape)?)?
+                .broadcast_add(&b.reshape(shape)?)?,
+            _ => y,
+        })
+    }
+}
+
+/// Max pooling with a square window, stride and (negative-infinity) padding, with a
+/// gradient for every configuration.
+///
+/// candle 0.11's `max_pool2d` has a backward pass only when kernel == stride and no padding;
+/// other configurations (the ImageNet stem's 3x3 / stride 2 / padding 1) are computed here as
+/// the maximum of `k * k` strided views of the padded input, which candle differentiates.
+pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if k == stride && padding == 0 {
+        return Ok(x.max_pool2d(k)?);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let oh = (h + 2 * padding - k) / stride + 1;
+    let ow = (w + 2 * padding - k) / stride + 1;
+    // Pad with a very negative value: zero-pad, then add -1e30 where the mask says "padding".
+    // Adding exactly 0 inside keeps values (and gradients) bit-exact.
+    let xp = if padding > 0 {
+        let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
+        let inside = ones
+            .pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?;
+        let neg = ((inside - 1.0)? * 1e30)?;
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
+            .broadcast_add(&neg)?
+    } else {
+        x.clone()
+    };
+    // Pad further so that the strided reshape below fits.
+    let need_h = (k - 1) + stride * oh;
+    let need_w = (k - 1) + stride * ow;
+    let ph = need_h.saturating_sub(xp.dim(2)?);
+    let pw = need_w.saturating_sub(xp.dim(3)?);
+    let xp = xp.pad_with_zeros(2, 0, ph)?.pad_with_zeros(3, 0, pw)?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..k {
+        for dx in 0..k {
+            let v = xp
+                .narrow(2, dy, stride * oh)?
+                .narrow(3, dx, stride * ow)?
+                .reshape((n, c, oh, stride, ow, stride))?
+                .narrow(3, 0, 1)?
+                .narrow(5, 0, 1)?
+                .reshape((n, c, oh, ow))?;
+            out = Some(match out {
+                None => v,
+                Some(o) => o.maximum(&v)?,
+            });
+        }
+    }
+    Ok(out.expect("k >= 1"))
+}
+
+/// Global average pooling `(N, C, H, W) -> (N, C)`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mean(D::Minus1)?.mean(D::Minus1)?)
+}

@@ -1,0 +1,52 @@
+//! `small-cnn`: the CPU workhorse.
+//!
+//! `conv3x3(3->32) BN ReLU maxpool2 | conv3x3(32->64) BN ReLU maxpool2 |
+//! conv3x3(64->128) BN ReLU maxpool2 | conv3x3(128->256) BN ReLU | global average pool`,
+//! D = 256. Convolutions have no bias (BatchNorm follows); names `conv{i}`, `bn{i}`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::layers::{batch_norm, conv2d, global_avg_pool, max_pool2d, BatchNorm, Conv2d};
+use crate::{Encoder, Result};
+
+/// Channel widths of the four layers.
+pub const SMALL_CNN_WIDTHS: [usize; 4] = [32, 64, 128, 256];
+
+/// The small CNN.
+#[derive(Clone, Debug)]
+pub struct SmallCnn {
+    layers: Vec<(Conv2d, BatchNorm)>,
+}
+
+impl SmallCnn {
+    /// Build from `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let mut layers = Vec::new();
+        let mut c_in = 3;
+        for (i, &c) in SMALL_CNN_WIDTHS.iter().enumerate() {
+            let conv = conv2d(c_in, c, 3, 1, 1, false, vb.pp(format!("conv{}", i + 1)))?;
+            let bn = batch_norm(c, vb.pp(format!("bn{}", i + 1)))?;
+            layers.push((conv, bn));
+            c_in = c;
+        }
+        Ok(Self { layers })
+    }
+}
+
+impl Encoder for SmallCnn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, (conv, bn)) in self.layers.iter().enumerate() {
+            x = bn.forward_t(&conv.forward(&x)?, train)?.relu()?;
+            if i < 3 {
+                x = max_pool2d(&x, 2, 2, 0)?;
+            }
+        }
+        global_avg_pool(&x)
+    }
+
+    fn feature_dim(&self) -> usize {
+        SMALL_CNN_WIDTHS[3]
+    }
+}

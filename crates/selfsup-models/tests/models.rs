@@ -1,0 +1,282 @@
+//! Encoders agree with PyTorch (fixtures from fixtures/make_model_fixtures.py), train and eval.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use selfsup_models::layers::{is_buffer, max_pool2d};
+use selfsup_models::{build_encoder, io, seeded_var_builder, EncoderKind};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a - b| / max(1, max |b|).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(a, b) / scale
+}
+
+fn check(case: &str, kind: &str) {
+    let kind: EncoderKind = kind.parse().unwrap();
+    let varmap = VarMap::new();
+    let enc = build_encoder(
+        &kind,
+        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let path = fixture(&format!("{case}.safetensors"));
+    io::load_varmap(&varmap, "", &{
+        // The fixture stores weights as `model.<name>`: load through a prefixed copy.
+        let t = io::read_tensors(&path).unwrap();
+        let tmp =
+            std::env::temp_dir().join(format!("selfsup-{case}-{}.safetensors", std::process::id()));
+        let w: std::collections::HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        io::save_tensors(&w, &tmp).unwrap();
+        tmp
+    })
+    .unwrap();
+    let t = io::read_tensors(&path).unwrap();
+    let x = &t["input"];
+    let out_train = enc.forward_t(x, true).unwrap();
+    // Relative to the output's scale: deep nets in train mode amplify float rounding.
+    let d = rel_diff(&out_train, &t["out_train"]);
+    assert!(
+        d < 1e-4,
+        "{case}: train-mode output differs by {d} (relative)"
+    );
+    assert_eq!(out_train.dims()[1], enc.feature_dim());
+    // Running statistics after one train-mode call.
+    let data = varmap.data().lock().unwrap();
+    let mut n_buf = 0;
+    for (k, v) in t.iter().filter(|(k, _)| k.starts_with("after.")) {
+        let name = &k["after.".len()..];
+        let d = rel_diff(data[name].as_tensor(), v);
+        assert!(d < 1e-4, "{case}: {name} differs by {d} after a train step");
+        n_buf += 1;
+    }
+    assert!(n_buf > 0);
+    drop(data);
+    let out_eval = enc.forward_t(x, false).unwrap();
+    let d = rel_diff(&out_eval, &t["out_eval"]);
+    assert!(d < 1e-4, "{case}: eval-mode output differs by {d}");
+    // Eval mode changes no statistics.
+    let before = io::named_tensors(&varmap);
+    enc.forward_t(x, false).unwrap();
+    for ((_, a), (_, b)) in before.iter().zip(io::named_tensors(&varmap)) {
+        assert_eq!(max_abs_diff(a, &b), 0.0);
+    }
+}
+
+#[test]
+fn small_cnn_matches_pytorch() {
+    check("small_cnn", "small-cnn");
+}
+
+#[test]
+fn resnet18_cifar_stem_matches_pytorch() {
+    check("resnet18_cifar_w0125", "resnet18-cifar-w0.125");
+}
+
+#[test]
+fn resnet18_imagenet_stem_matches_pytorch() {
+    check("resnet18_imagenet_w0125", "resnet18-imagenet-w0.125");
+}
+
+#[test]
+fn resnet50_bottleneck_matches_pytorch() {
+    check("resnet50_cifar_w00625", "resnet50-cifar-w0.0625");
+}
+
+#[test]
+fn parameter_counts_equal_torchvision() {
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())
+            .unwrap();
+    for (name, n) in want.as_object().unwrap() {
+        let varmap = VarMap::new();
+        build_encoder(
+            &name.parse().unwrap(),
+            seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let got: usize = io::named_tensors(&varmap)
+            .iter()
+            .filter(|(k, _)| !is_buffer(k))
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        assert_eq!(got as u64, n.as_u64().unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn seeded_init_is_reproducible_and_pytorch_like() {
+    let weights = |seed| {
+        let vm = VarMap::new();
+        build_encoder(
+            &EncoderKind::SmallCnn,
+            seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        io::named_tensors(&vm)
+    };
+    let (a, b, c) = (weights(1), weights(1), weights(2));
+    for ((ka, ta), (_, tb)) in a.iter().zip(&b) {
+        assert_eq!(max_abs_diff(ta, tb), 0.0, "{ka}");
+    }
+    let w1 = &a.iter().find(|(k, _)| k == "conv2.weight").unwrap().1;
+    let w2 = &c.iter().find(|(k, _)| k == "conv2.weight").unwrap().1;
+    assert!(max_abs_diff(w1, w2) > 0.0);
+    // PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 32 * 9; std = bound / sqrt(3).
+    let bound = 1.0 / (32.0f32 * 9.0).sqrt();
+    let v: Vec<f32> = w1.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.abs() <= bound));
+    let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    assert!(
+        (std - bound / 3f32.sqrt()).abs() < 0.02 * bound,
+        "std {std}"
+    );
+    // BN starts at weight 1, bias 0, running var 1.
+    let bn = &a.iter().find(|(k, _)| k == "bn1.running_var").unwrap().1;
+    assert_eq!(bn.to_vec1::<f32>().unwrap(), vec![1.0; 32]);
+}
+
+#[test]
+fn strided_max_pool_has_gradients_and_matches_candle() {
+    let x =
+        Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 9, 9), &Device::Cpu).unwrap()).unwrap();
+    // kernel == stride: same as candle's op.
+    let a = max_pool2d(x.as_tensor(), 3, 3, 0).unwrap();
+    let b = x.as_tensor().max_pool2d(3).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    // 3x3 stride 2 padding 1: forward equals a direct loop, gradient is 1 at each argmax.
+    let y = max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 5, 5]);
+    let xv: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let yv: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let mut want_grad = vec![0f32; xv.len()];
+    for p in 0..6 {
+        for oy in 0..5 {
+            for ox in 0..5 {
+                let mut best = (f32::NEG_INFINITY, 0);
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                        if (0..9).contains(&iy) && (0..9).contains(&ix) {
+                            let i = p * 81 + iy as usize * 9 + ix as usize;
+                            if xv[i] > best.0 {
+                                best = (xv[i], i);
+                            }
+                        }
+                    }
+                }
+                assert_eq!(yv[p * 25 + oy * 5 + ox], best.0);
+                want_grad[best.1] += 1.0;
+            }
+        }
+    }
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gv: Vec<f32> = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(gv, want_grad);
+}
+
+#[test]
+fn save_load_round_trip_and_wrong_architecture() {
+    let dir = std::env::temp_dir().join(format!("selfsup-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("w.safetensors");
+    let vm = VarMap::new();
+    let kind: EncoderKind = "resnet18-w0.125".parse().unwrap();
+    let enc = build_encoder(&kind, seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu)).unwrap();
+    io::save_varmap(&vm, "", &p).unwrap();
+    let vm2 = VarMap::new();
+    let enc2 = build_encoder(&kind, seeded_var_builder(&vm2, 4, DType::F32, &Device::Cpu)).unwrap();
+    io::load_varmap(&vm2, "", &p).unwrap();
+    let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &enc.forward_t(&x, false).unwrap(),
+            &enc2.forward_t(&x, false).unwrap()
+        ),
+        0.0
+    );
+    // Another architecture: a clear error naming a tensor.
+    let vm3 = VarMap::new();
+    build_encoder(
+        &EncoderKind::SmallCnn,
+        seeded_var_builder(&vm3, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let e = io::load_varmap(&vm3, "", &p).unwrap_err().to_string();
+    assert!(
+        e.contains("has shape") && e.contains("another architecture"),
+        "{e}"
+    );
+    let e = io::load_varmap(&vm3, "", &dir.join("nope.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not found"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+    // Unknown names are errors, not panics.
+    assert!("resnet19".parse::<EncoderKind>().is_err());
+    assert!("resnet18-w0"
+        .parse::<EncoderKind>()
+        .map(|k| build_encoder(
+            &k,
+            seeded_var_builder(&VarMap::new(), 0, DType::F32, &Device::Cpu)
+        )
+        .is_err())
+        .unwrap());
+}
+
+#[test]
+fn convnet_seed_shapes() {
+    let vm = VarMap::new();
+    let enc = build_encoder(
+        &EncoderKind::ConvnetSeed,
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+    assert_eq!(enc.forward_t(&x, true).unwrap().dims(), &[2, 128]);
+    let w = vm.data().lock().unwrap()["fc.weight"]
+        .as_tensor()
+        .dims()
+        .to_vec();
+    assert_eq!(w, vec![128, 64 * 14 * 14]);
+    let bad = Tensor::randn(0f32, 1., (2, 3, 28, 28), &Device::Cpu).unwrap();
+    assert!(enc.forward_t(&bad, true).is_err());
+}
