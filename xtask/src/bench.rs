@@ -22,10 +22,21 @@ pub enum Bench {
         #[arg(long)]
         compare_torchvision: bool,
     },
+    /// Forward + backward time of each loss at N = 512, D = 128 (f32, CPU), next to a small-cnn
+    /// forward + backward on 512 images (the two views of a batch of 256).
+    Losses {
+        /// Rows per input.
+        #[arg(long, default_value_t = 512)]
+        n: usize,
+        /// Embedding dimension.
+        #[arg(long, default_value_t = 128)]
+        d: usize,
+    },
 }
 
 pub fn run(b: Bench) -> Result<()> {
     match b {
+        Bench::Losses { n, d } => losses(n, d),
         Bench::Augment {
             images,
             batch,
@@ -118,5 +129,75 @@ pub fn python(args: &[&str]) -> Result<()> {
         "{py} {} failed with {st} (is torch installed there?)",
         args.join(" ")
     );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = Vec::new();
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn losses(n: usize, d: usize) -> Result<()> {
+    use candle_core::{DType, Device, Tensor, Var};
+    use selfsup_losses::*;
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1., (n, d), &dev)?)?;
+    let b = Tensor::randn(0f32, 1., (n, d), &dev)?;
+    let queue = Tensor::randn(0f32, 1., (4096, d), &dev)?;
+    let labels = Tensor::from_vec((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
+    let pair: Vec<(&str, Box<dyn PairLoss>)> = vec![
+        ("nt_xent", Box::new(NtXent::new(0.5)?)),
+        ("info_nce", Box::new(InfoNce::new(0.2)?)),
+        ("cosine", Box::new(CosineSimilarity)),
+        ("negative_cosine", Box::new(NegativeCosine)),
+        ("barlow_twins", Box::new(BarlowTwins::new(5e-3)?)),
+        ("vicreg", Box::new(Vicreg::new(25., 25., 1.)?)),
+    ];
+    println!("loss forward+backward, N={n}, D={d}, f32, CPU ({} threads), median of 20", candle_core::utils::get_num_threads());
+    let mut nt_xent = 0.0;
+    for (name, l) in &pair {
+        let t = time_it(20, || {
+            l.loss(a.as_tensor(), &b)?.backward()?;
+            Ok(())
+        })?;
+        if *name == "nt_xent" {
+            nt_xent = t;
+        }
+        println!("{name:>16}: {:8.3} ms", t * 1e3);
+    }
+    let t = time_it(20, || {
+        InfoNce::new(0.2)?.loss_with_negatives(a.as_tensor(), &b, Some(&queue))?.backward()?;
+        Ok(())
+    })?;
+    println!("{:>16}: {:8.3} ms", "info_nce+queue4096", t * 1e3);
+    let t = time_it(20, || {
+        let f = Tensor::stack(&[a.as_tensor(), &b], 1)?;
+        SupCon::new(0.1)?.loss(&f, &labels)?.backward()?;
+        Ok(())
+    })?;
+    println!("{:>16}: {:8.3} ms", "supcon (2 views)", t * 1e3);
+    // A small-cnn forward + backward on 512 images for scale.
+    let vm = candle_nn::VarMap::new();
+    let enc = selfsup_models::build_encoder(
+        &selfsup_models::EncoderKind::SmallCnn,
+        selfsup_models::seeded_var_builder(&vm, 0, DType::F32, &dev),
+    )?;
+    let x = Tensor::randn(0f32, 1., (512, 3, 32, 32), &dev)?;
+    let step = time_it(3, || {
+        enc.forward_t(&x, true)?.sqr()?.mean_all()?.backward()?;
+        Ok(())
+    })?;
+    println!("small-cnn fwd+bwd on 512 images: {:.1} ms; NT-Xent is {:.2}% of it", step * 1e3, 100.0 * nt_xent / step);
     Ok(())
 }

@@ -12,7 +12,7 @@
 use candle_core::{Tensor, D};
 
 use crate::ops::{
-    check_pair, check_temperature, eye_mask, logsumexp_minus, masked_fill, normalize,
+    check_pair, check_temperature, diagonal_bias, logsumexp_minus, normalize,
 };
 use crate::{Error, PairLoss, Result};
 
@@ -49,7 +49,7 @@ impl PairLoss for NtXent {
         let z = Tensor::cat(&[&a, &b], 0)?;
         let inv_t = 1.0 / self.temperature;
         let sim = (z.matmul(&z.t()?)? * inv_t)?;
-        let sim = masked_fill(&sim, &eye_mask(2 * n, z.device())?, -1e9)?;
+        let sim = sim.broadcast_add(&diagonal_bias(2 * n, -1e9, sim.dtype(), sim.device())?)?;
         let pos = ((&a * &b)?.sum(D::Minus1)? * inv_t)?;
         let pos = Tensor::cat(&[&pos, &pos], 0)?;
         Ok(logsumexp_minus(&sim, &pos)?.mean_all()?)

@@ -35,6 +35,12 @@ pub fn masked_fill(x: &Tensor, mask: &Tensor, value: f64) -> Result<Tensor> {
     Ok(mask.where_cond(&fill, x)?)
 }
 
+/// `(N, N)` matrix with `value` on the diagonal and 0 elsewhere, in `dtype`: adding it to a
+/// similarity matrix masks the diagonal in one cheap op (gradients pass through unchanged).
+pub fn diagonal_bias(n: usize, value: f64, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    Ok((Tensor::eye(n, dtype, device)? * value)?)
+}
+
 /// `(N, N)` `u8` identity mask.
 pub fn eye_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
     let idx = Tensor::arange(0u32, n as u32, device)?;

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::ops::{check_float, check_temperature, eye_mask, logsumexp, masked_fill, normalize};
+use crate::ops::{check_float, check_temperature, diagonal_bias, logsumexp, normalize};
 use crate::{Error, Result};
 
 /// SupCon with a temperature.
@@ -56,7 +56,6 @@ impl SupCon {
         let z = normalize(&features.transpose(0, 1)?.contiguous()?.reshape((m, d))?)?;
         let labels = labels.to_dtype(DType::U32)?;
         let lab = Tensor::cat(&vec![&labels; v], 0)?;
-        let eye = eye_mask(m, z.device())?;
         let idx = Tensor::arange(0u32, m as u32, z.device())?;
         let not_eye = idx
             .unsqueeze(1)?
@@ -68,7 +67,7 @@ impl SupCon {
             .to_dtype(z.dtype())?;
         let pos = (same * not_eye)?;
         let sim = (z.matmul(&z.t()?)? * (1.0 / self.temperature))?;
-        let sim = masked_fill(&sim, &eye, -1e9)?;
+        let sim = sim.broadcast_add(&diagonal_bias(m, -1e9, sim.dtype(), sim.device())?)?;
         let log_prob = sim.broadcast_sub(&logsumexp(&sim)?.unsqueeze(1)?)?;
         let count = pos.sum(1)?;
         let has = count.gt(0.0)?.to_dtype(z.dtype())?;

@@ -79,7 +79,7 @@ impl ResNet {
     /// Build from `vb`.
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let (counts, bottleneck) = cfg.blocks()?;
-        if !(cfg.width > 0.0) || !cfg.width.is_finite() {
+        if cfg.width.is_nan() || cfg.width <= 0.0 || !cfg.width.is_finite() {
             return Err(Error::Config(format!(
                 "width multiplier must be positive, got {}",
                 cfg.width
