@@ -164,7 +164,10 @@ fn losses(n: usize, d: usize) -> Result<()> {
         ("barlow_twins", Box::new(BarlowTwins::new(5e-3)?)),
         ("vicreg", Box::new(Vicreg::new(25., 25., 1.)?)),
     ];
-    println!("loss forward+backward, N={n}, D={d}, f32, CPU ({} threads), median of 20", candle_core::utils::get_num_threads());
+    println!(
+        "loss forward+backward, N={n}, D={d}, f32, CPU ({} threads), median of 20",
+        candle_core::utils::get_num_threads()
+    );
     let mut nt_xent = 0.0;
     for (name, l) in &pair {
         let t = time_it(20, || {
@@ -177,7 +180,9 @@ fn losses(n: usize, d: usize) -> Result<()> {
         println!("{name:>16}: {:8.3} ms", t * 1e3);
     }
     let t = time_it(20, || {
-        InfoNce::new(0.2)?.loss_with_negatives(a.as_tensor(), &b, Some(&queue))?.backward()?;
+        InfoNce::new(0.2)?
+            .loss_with_negatives(a.as_tensor(), &b, Some(&queue))?
+            .backward()?;
         Ok(())
     })?;
     println!("{:>16}: {:8.3} ms", "info_nce+queue4096", t * 1e3);
@@ -198,6 +203,10 @@ fn losses(n: usize, d: usize) -> Result<()> {
         enc.forward_t(&x, true)?.sqr()?.mean_all()?.backward()?;
         Ok(())
     })?;
-    println!("small-cnn fwd+bwd on 512 images: {:.1} ms; NT-Xent is {:.2}% of it", step * 1e3, 100.0 * nt_xent / step);
+    println!(
+        "small-cnn fwd+bwd on 512 images: {:.1} ms; NT-Xent is {:.2}% of it",
+        step * 1e3,
+        100.0 * nt_xent / step
+    );
     Ok(())
 }

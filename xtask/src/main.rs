@@ -132,7 +132,18 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Cmd::Test { device } => test(device),
-        Cmd::Bench { what } => bench::run(what),
+        Cmd::Bench { what } => {
+            if cfg!(debug_assertions) {
+                // Benchmarks only mean something in release: run this command again there.
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                run(Command::new(cargo)
+                    .args(["run", "--release", "--package", "xtask", "--"])
+                    .args(&args))
+            } else {
+                bench::run(what)
+            }
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,6 +26,7 @@ pub mod folder;
 mod image;
 mod loader;
 mod pipeline;
+pub mod synthetic;
 pub mod transforms;
 
 pub use dataset::{Dataset, InMemory, Item};

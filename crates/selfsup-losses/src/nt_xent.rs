@@ -11,9 +11,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::ops::{
-    check_pair, check_temperature, diagonal_bias, logsumexp_minus, normalize,
-};
+use crate::ops::{check_pair, check_temperature, diagonal_bias, logsumexp_minus, normalize};
 use crate::{Error, PairLoss, Result};
 
 /// NT-Xent with a temperature.

@@ -37,7 +37,12 @@ pub fn masked_fill(x: &Tensor, mask: &Tensor, value: f64) -> Result<Tensor> {
 
 /// `(N, N)` matrix with `value` on the diagonal and 0 elsewhere, in `dtype`: adding it to a
 /// similarity matrix masks the diagonal in one cheap op (gradients pass through unchanged).
-pub fn diagonal_bias(n: usize, value: f64, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+pub fn diagonal_bias(
+    n: usize,
+    value: f64,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     Ok((Tensor::eye(n, dtype, device)? * value)?)
 }
 

@@ -1,0 +1,542 @@
+//! `selfsup`: pretrain an image encoder without labels, evaluate it, and use its features.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use selfsup_data::{
+    cifar, folder, preset_views, InMemory, Loader, LoaderConfig, Normalize, Preset,
+};
+use selfsup_eval::{extract_features, knn, linear_probe, KnnConfig, LinearProbeConfig};
+use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
+use selfsup_train::setup::{build_trainer, RunData, METHODS};
+use selfsup_train::{checkpoint, parse_device, TrainConfig};
+
+mod presets;
+
+#[derive(Parser)]
+#[command(
+    name = "selfsup",
+    version,
+    about = "Self-supervised pretraining of image encoders (SimCLR, ...) on candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pretrain an encoder without labels (fetches CIFAR-10 on first use).
+    Train(Box<TrainArgs>),
+    /// Evaluate a checkpoint's frozen encoder on CIFAR-10.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCmd,
+    },
+    /// Export the features of a dataset as (N, D) f32 (`.safetensors` with labels, or `.npy`).
+    Embed(EmbedArgs),
+}
+
+/// Options of `selfsup train`. Each one also lives in the TOML config (same name, `_` for `-`);
+/// flags override the config file, which overrides the preset.
+#[derive(Args, Default)]
+struct TrainArgs {
+    /// Method: simclr.
+    #[arg(long)]
+    method: Option<String>,
+    /// Encoder: small-cnn, resnet18, resnet34, resnet50 (-cifar / -imagenet stem, -wN width), convnet-seed.
+    #[arg(long)]
+    encoder: Option<String>,
+    /// cifar10 or folder:PATH (root/<class>/*.png for labels, or a flat folder).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Where CIFAR-10 is (or is downloaded to).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// CIFAR-10 archive URL or path for the first-use download (or $SELFSUP_CIFAR10_SOURCE).
+    #[arg(long)]
+    source: Option<String>,
+    /// sha256 of --source.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per batch (two views each).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// sgd, adamw or lars.
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Warmup epochs.
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    /// Loss temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Seed for weights, data order and augmentations.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Threads (0: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// cpu or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Run folder.
+    #[arg(long)]
+    out: Option<String>,
+    /// Train on the first N images only.
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// kNN monitor every N epochs (0: off).
+    #[arg(long)]
+    knn_every: Option<usize>,
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Preset: cifar10-cpu or cifar10-gpu.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Weighted kNN (cosine, k = 200, T = 0.1) with the training set as memory bank.
+    Knn {
+        #[command(flatten)]
+        ck: CheckpointArgs,
+        /// Neighbours.
+        #[arg(long, default_value_t = 200)]
+        k: usize,
+        /// Vote temperature.
+        #[arg(long, default_value_t = 0.1)]
+        temperature: f64,
+    },
+    /// Linear probe on frozen features: top-1 and top-5.
+    Linear {
+        #[command(flatten)]
+        ck: CheckpointArgs,
+        /// Epochs over the features.
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// AdamW learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+    },
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    /// Run folder, checkpoint folder, or encoder.safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Encoder name, when the checkpoint has no config.toml beside it.
+    #[arg(long)]
+    encoder: Option<String>,
+    /// Where CIFAR-10 is.
+    #[arg(long, default_value = "data")]
+    data_dir: String,
+    /// Threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    ck: CheckpointArgs,
+    /// cifar10-train, cifar10-test or folder:PATH.
+    #[arg(long)]
+    data: String,
+    /// Output file: .safetensors (embeddings + labels) or .npy (embeddings).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn set_threads(n: usize) {
+    if n > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg = TrainConfig::default();
+    if let Some(p) = &a.preset {
+        cfg = presets::preset(p)?;
+    }
+    if let Some(path) = &a.config {
+        let s = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        cfg = merge_toml(&cfg, &s).with_context(|| format!("{}", path.display()))?;
+    }
+    if a.resume {
+        let out = a.out.clone().unwrap_or_else(|| cfg.out.clone());
+        let saved = Path::new(&out).join("config.toml");
+        if let Ok(s) = std::fs::read_to_string(&saved) {
+            cfg = TrainConfig::from_toml(&s).with_context(|| format!("{}", saved.display()))?;
+        }
+    }
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = &a.$f { cfg.$f = v.clone().into(); } )* };
+    }
+    set!(
+        method,
+        encoder,
+        dataset,
+        data_dir,
+        source,
+        sha256,
+        epochs,
+        batch_size,
+        lr,
+        weight_decay,
+        warmup_epochs,
+        temperature,
+        seed,
+        threads,
+        device,
+        out,
+        train_subset,
+        knn_every
+    );
+    if let Some(o) = &a.optimizer {
+        cfg.optimizer = o.parse()?;
+    }
+    cfg.validate()?;
+    if !METHODS.contains(&cfg.method.as_str()) {
+        bail!(
+            "unknown method {:?} (known: {})",
+            cfg.method,
+            METHODS.join(", ")
+        );
+    }
+    cfg.encoder.parse::<EncoderKind>()?;
+    Ok(cfg)
+}
+
+/// Apply the keys of a TOML document over `base`.
+fn merge_toml(base: &TrainConfig, s: &str) -> Result<TrainConfig> {
+    let mut v: toml::Table = toml::from_str(&base.to_toml())?;
+    let over: toml::Table = toml::from_str(s).context("not valid TOML")?;
+    for (k, x) in over {
+        v.insert(k, x);
+    }
+    Ok(TrainConfig::from_toml(&toml::to_string(&v)?)?)
+}
+
+fn load_cifar(cfg_data_dir: &str, source: &str, sha256: &str) -> Result<(InMemory, InMemory)> {
+    let dir = PathBuf::from(cfg_data_dir);
+    if !cifar::is_complete(&dir) {
+        tracing::info!("CIFAR-10 not found in {}: fetching it", dir.display());
+        let opts = selfsup_data::download::FetchOptions {
+            source: (!source.is_empty()).then(|| source.to_string()),
+            sha256: (!sha256.is_empty()).then(|| sha256.to_string()),
+            data_dir: dir.clone(),
+            progress: true,
+            attempts: 3,
+        };
+        selfsup_data::download::fetch_cifar10(&opts)?;
+    }
+    Ok((
+        cifar::load(&dir, cifar::Split::Train)?,
+        cifar::load(&dir, cifar::Split::Test)?,
+    ))
+}
+
+fn load_folder(path: &str, size: usize) -> Result<InMemory> {
+    let root = Path::new(path);
+    let labelled = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().is_dir());
+    let f = folder::load(
+        root,
+        &folder::FolderOptions {
+            size,
+            labelled,
+            skip_bad: true,
+        },
+    )?;
+    Ok(f.data)
+}
+
+fn run_data(cfg: &TrainConfig) -> Result<RunData> {
+    if cfg.dataset == "cifar10" {
+        let (train, test) = load_cifar(&cfg.data_dir, &cfg.source, &cfg.sha256)?;
+        Ok(RunData {
+            train: Arc::new(train),
+            test: Some(Arc::new(test)),
+            normalize: Normalize::cifar10(),
+        })
+    } else if let Some(p) = cfg.dataset.strip_prefix("folder:") {
+        Ok(RunData {
+            train: Arc::new(load_folder(p, cfg.image_size)?),
+            test: None,
+            normalize: Normalize::imagenet(),
+        })
+    } else {
+        bail!("unknown dataset {:?} (cifar10 or folder:PATH)", cfg.dataset)
+    }
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let cfg = effective_config(a)?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    set_threads(cfg.threads);
+    let out = Path::new(&cfg.out);
+    if !a.resume && checkpoint::latest(out).is_some() {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            out.display()
+        );
+    }
+    let data = run_data(&cfg)?;
+    let mut t = build_trainer(&cfg, data)?;
+    if a.resume && !t.resume()? {
+        tracing::warn!("no checkpoint in {}: starting from scratch", out.display());
+    }
+    let s = t.fit(None)?;
+    println!(
+        "done: {} epochs, {} steps, loss {:.4}, {:.0} images/s, data wait {:.1}%{}; checkpoint in {}",
+        s.epochs,
+        s.steps,
+        s.last_loss.unwrap_or(f64::NAN),
+        s.images_per_s,
+        100.0 * s.data_wait,
+        s.knn.last().map(|k| format!(", kNN top-1 {:.2}%", 100.0 * k.1)).unwrap_or_default(),
+        out.join(checkpoint::DIR).display()
+    );
+    Ok(())
+}
+
+/// The encoder of a checkpoint, with its config when there is one.
+fn load_encoder(
+    ck: &CheckpointArgs,
+    device: &Device,
+) -> Result<(Box<dyn Encoder>, Option<TrainConfig>)> {
+    let dir = checkpoint::resolve(&ck.checkpoint)?;
+    let cfg = std::fs::read_to_string(dir.join("config.toml"))
+        .ok()
+        .map(|s| TrainConfig::from_toml(&s))
+        .transpose()?;
+    let name = match (&ck.encoder, &cfg) {
+        (Some(e), _) => e.clone(),
+        (None, Some(c)) => c.encoder.clone(),
+        (None, None) => bail!(
+            "{}: no config.toml beside the weights; pass --encoder NAME",
+            dir.display()
+        ),
+    };
+    let kind: EncoderKind = name.parse()?;
+    let vm = candle_nn::VarMap::new();
+    let enc = build_encoder(&kind, seeded_var_builder(&vm, 0, DType::F32, device))?;
+    let file = if ck.checkpoint.is_file() {
+        ck.checkpoint.clone()
+    } else {
+        dir.join("encoder.safetensors")
+    };
+    io::load_varmap(&vm, "", &file)
+        .with_context(|| format!("loading {} as {name}", file.display()))?;
+    Ok((enc, cfg))
+}
+
+fn eval_loader(ds: InMemory, size: usize, norm: Normalize, threads: usize) -> Result<Loader> {
+    let lc = LoaderConfig {
+        batch_size: 512,
+        shuffle: false,
+        drop_last: false,
+        seed: 0,
+        threads,
+        prefetch: 2,
+    };
+    Ok(Loader::new(
+        Arc::new(ds),
+        preset_views(Preset::None, size, norm),
+        lc,
+    )?)
+}
+
+fn cifar_features(ck: &CheckpointArgs) -> Result<(selfsup_eval::Features, selfsup_eval::Features)> {
+    set_threads(ck.threads);
+    let device = parse_device(&ck.device)?;
+    let (enc, cfg) = load_encoder(ck, &device)?;
+    let (src, sha) = cfg
+        .as_ref()
+        .map(|c| (c.source.clone(), c.sha256.clone()))
+        .unwrap_or_default();
+    let (train, test) = load_cifar(&ck.data_dir, &src, &sha)?;
+    let tr = extract_features(
+        enc.as_ref(),
+        &eval_loader(train, 32, Normalize::cifar10(), ck.threads)?,
+        &device,
+    )?;
+    let te = extract_features(
+        enc.as_ref(),
+        &eval_loader(test, 32, Normalize::cifar10(), ck.threads)?,
+        &device,
+    )?;
+    Ok((tr, te))
+}
+
+fn eval(e: &EvalCmd) -> Result<()> {
+    match e {
+        EvalCmd::Knn { ck, k, temperature } => {
+            let (tr, te) = cifar_features(ck)?;
+            let (t1, t5) = knn(
+                &tr.x,
+                tr.labels.as_ref().unwrap(),
+                &te.x,
+                te.labels.as_ref().unwrap(),
+                10,
+                KnnConfig {
+                    k: *k,
+                    temperature: *temperature,
+                },
+            )?;
+            println!(
+                "kNN (k={k}, T={temperature}) on CIFAR-10 test: top-1 {:.2}%, top-5 {:.2}%",
+                100.0 * t1,
+                100.0 * t5
+            );
+        }
+        EvalCmd::Linear { ck, epochs, lr } => {
+            let (tr, te) = cifar_features(ck)?;
+            let r = linear_probe(
+                &tr.x,
+                tr.labels.as_ref().unwrap(),
+                &te.x,
+                te.labels.as_ref().unwrap(),
+                10,
+                &LinearProbeConfig {
+                    epochs: *epochs,
+                    lr: *lr,
+                    ..Default::default()
+                },
+            )?;
+            println!("linear probe ({epochs} epochs) on CIFAR-10 test: top-1 {:.2}%, top-5 {:.2}% (train top-1 {:.2}%)", 100.0 * r.top1, 100.0 * r.top5, 100.0 * r.train_top1);
+        }
+    }
+    Ok(())
+}
+
+fn embed(a: &EmbedArgs) -> Result<()> {
+    set_threads(a.ck.threads);
+    let device = parse_device(&a.ck.device)?;
+    let (enc, cfg) = load_encoder(&a.ck, &device)?;
+    let (ds, size, norm) = match a.data.as_str() {
+        "cifar10-train" | "cifar10-test" => {
+            let (src, sha) = cfg
+                .as_ref()
+                .map(|c| (c.source.clone(), c.sha256.clone()))
+                .unwrap_or_default();
+            let (tr, te) = load_cifar(&a.ck.data_dir, &src, &sha)?;
+            (
+                if a.data == "cifar10-train" { tr } else { te },
+                32,
+                Normalize::cifar10(),
+            )
+        }
+        d if d.starts_with("folder:") => {
+            let size = cfg.as_ref().map(|c| c.image_size).unwrap_or(32);
+            (
+                load_folder(&d["folder:".len()..], size)?,
+                size,
+                Normalize::imagenet(),
+            )
+        }
+        d => bail!("unknown --data {d:?} (cifar10-train, cifar10-test, folder:PATH)"),
+    };
+    let f = extract_features(
+        enc.as_ref(),
+        &eval_loader(ds, size, norm, a.ck.threads)?,
+        &device,
+    )?;
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let tmp = a
+        .out
+        .with_extension(format!("tmp-{}.{ext}", std::process::id()));
+    match ext {
+        "safetensors" => {
+            let mut m = std::collections::HashMap::new();
+            m.insert("embeddings".to_string(), f.x.clone());
+            if let Some(l) = &f.labels {
+                m.insert(
+                    "labels".to_string(),
+                    Tensor::from_vec(
+                        l.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+                        l.len(),
+                        &Device::Cpu,
+                    )?,
+                );
+            }
+            io::save_tensors(&m, &a.out)?;
+        }
+        "npy" => {
+            f.x.write_npy(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &a.out)
+                .with_context(|| format!("cannot write {}", a.out.display()))?;
+        }
+        _ => bail!(
+            "--out must end in .safetensors or .npy, got {}",
+            a.out.display()
+        ),
+    }
+    println!(
+        "wrote {} embeddings of dimension {} to {}",
+        f.x.dim(0)?,
+        f.x.dim(1)?,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Train(a) => train(a),
+        Cmd::Eval { what } => eval(what),
+        Cmd::Embed(a) => embed(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Named starting points for `selfsup train --preset`.
+
+use anyhow::{bail, Result};
+use selfsup_train::optim::OptimizerKind;
+use selfsup_train::TrainConfig;
+
+/// `cifar10-cpu`: small-cnn sized for a 2-core machine. `cifar10-gpu`: ResNet-18 (CIFAR stem),
+/// batch 512, SGD lr 6e-2 x 512/128, weight decay 5e-4, 200 epochs, cosine schedule: lightly's
+/// CIFAR-10 benchmark recipe for SimCLR.
+pub fn preset(name: &str) -> Result<TrainConfig> {
+    let base = TrainConfig::default();
+    Ok(match name {
+        "cifar10-cpu" => TrainConfig {
+            encoder: "small-cnn".into(),
+            epochs: 10,
+            batch_size: 256,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.06 * 256.0 / 128.0,
+            weight_decay: 5e-4,
+            warmup_epochs: 1.0,
+            proj_hidden: 512,
+            proj_out: 128,
+            temperature: 0.5,
+            knn_every: 1,
+            out: "runs/cifar10-cpu".into(),
+            ..base
+        },
+        "cifar10-gpu" => TrainConfig {
+            encoder: "resnet18".into(),
+            epochs: 200,
+            batch_size: 512,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.06 * 512.0 / 128.0,
+            weight_decay: 5e-4,
+            warmup_epochs: 0.0,
+            proj_hidden: 512,
+            proj_out: 128,
+            temperature: 0.5,
+            knn_every: 5,
+            device: "cuda:0".into(),
+            out: "runs/cifar10-gpu".into(),
+            ..base
+        },
+        _ => bail!("unknown preset {name:?} (known: cifar10-cpu, cifar10-gpu)"),
+    })
+}

@@ -1,0 +1,127 @@
+//! The `selfsup` binary end to end on a small image folder: train, resume, embed, errors.
+
+use std::path::Path;
+use std::process::Command;
+
+fn selfsup() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_selfsup"))
+}
+
+fn write_folder(root: &Path) {
+    let data = selfsup_data::synthetic::stripes(48, 16, 2, 5);
+    for i in 0..48 {
+        let item = selfsup_data::Dataset::get(&data, i).unwrap();
+        let dir = root.join(format!("class{}", item.label.unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        item.image
+            .to_rgb()
+            .save(dir.join(format!("{i}.png")))
+            .unwrap();
+    }
+}
+
+#[test]
+fn train_resume_embed_and_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    write_folder(&imgs);
+    let run = d.path().join("run");
+    let common = |epochs: &str| {
+        let mut c = selfsup();
+        c.args([
+            "train",
+            "--dataset",
+            &format!("folder:{}", imgs.display()),
+            "--epochs",
+            epochs,
+            "--batch-size",
+            "16",
+            "--threads",
+            "2",
+            "--lr",
+            "0.05",
+        ])
+        .args(["--out", run.to_str().unwrap()])
+        .args(["--config", d.path().join("small.toml").to_str().unwrap()]);
+        c
+    };
+    std::fs::write(
+        d.path().join("small.toml"),
+        "image_size = 16\nproj_hidden = 32\nproj_out = 16\nlog_every = 1\n",
+    )
+    .unwrap();
+    let out = common("1").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: 1 epochs"));
+    // A second run into the same folder without --resume is refused...
+    let out = common("2").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    // ...and continues with it.
+    let out = common("2").arg("--resume").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: 2 epochs"));
+    // Embeddings of the folder.
+    let emb = d.path().join("emb.safetensors");
+    let out = selfsup()
+        .args([
+            "embed",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--data",
+            &format!("folder:{}", imgs.display()),
+            "--out",
+            emb.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = candle_core::safetensors::load(&emb, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["embeddings"].dims(), &[48, 256]);
+    assert_eq!(t["labels"].dims(), &[48]);
+    // Errors: one line, exit code 2.
+    for args in [
+        vec!["train", "--method", "nope", "--print-config"],
+        vec!["train", "--encoder", "resnet7", "--print-config"],
+        vec!["eval", "knn", "--checkpoint", "/nonexistent/run"],
+    ] {
+        let out = selfsup().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+    }
+    // A checkpoint from another encoder.
+    let out = selfsup()
+        .args([
+            "embed",
+            "--checkpoint",
+            run.join("checkpoint/encoder.safetensors").to_str().unwrap(),
+            "--encoder",
+            "resnet18",
+            "--data",
+            &format!("folder:{}", imgs.display()),
+            "--out",
+            emb.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another architecture"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

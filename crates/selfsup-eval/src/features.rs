@@ -1,0 +1,62 @@
+//! Feature extraction in eval mode.
+
+use candle_core::{Device, Tensor};
+use selfsup_data::Loader;
+use selfsup_models::Encoder;
+
+use crate::Result;
+
+/// Features of a whole dataset.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// `(N, D)` `f32` on the CPU, in dataset order.
+    pub x: Tensor,
+    /// Labels, when the dataset has them.
+    pub labels: Option<Vec<usize>>,
+}
+
+/// Run `encoder` in eval mode over every batch of `loader` (which should be unshuffled, keep
+/// every image and use [`selfsup_data::Preset::None`]) on `device`.
+pub fn extract_features(
+    encoder: &dyn Encoder,
+    loader: &Loader,
+    device: &Device,
+) -> Result<Features> {
+    let mut xs = Vec::new();
+    let mut labels: Option<Vec<usize>> = Some(Vec::new());
+    let mut order = Vec::new();
+    for b in loader.epoch(0) {
+        let b = b?;
+        let x = b.views[0].to_device(device)?;
+        xs.push(
+            encoder
+                .forward_t(&x, false)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?,
+        );
+        match (&mut labels, &b.labels) {
+            (Some(l), Some(t)) => l.extend(t.to_vec1::<u32>()?.into_iter().map(|v| v as usize)),
+            _ => labels = None,
+        }
+        order.extend(b.indices);
+    }
+    let x = Tensor::cat(&xs, 0)?;
+    // Put rows back in dataset order if the loader shuffled.
+    if order.windows(2).any(|w| w[0] > w[1]) {
+        let mut perm: Vec<u32> = vec![0; order.len()];
+        for (row, &i) in order.iter().enumerate() {
+            perm[i] = row as u32;
+        }
+        let idx = Tensor::from_vec(perm, order.len(), &Device::Cpu)?;
+        let x = x.index_select(&idx, 0)?;
+        let labels = labels.map(|l| {
+            let mut out = vec![0; l.len()];
+            for (row, &i) in order.iter().enumerate() {
+                out[i] = l[row];
+            }
+            out
+        });
+        return Ok(Features { x, labels });
+    }
+    Ok(Features { x, labels })
+}

@@ -1,0 +1,162 @@
+//! The run configuration: every option of `selfsup train`, as TOML.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimizerKind;
+use crate::{Error, Result};
+
+/// Everything that defines a training run. Unknown keys in a TOML file are an error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Method name (`simclr`).
+    pub method: String,
+    /// Encoder name (`small-cnn`, `resnet18`, `resnet18-imagenet`, ...).
+    pub encoder: String,
+    /// `cifar10` or `folder:PATH` (unlabelled or `root/<class>/` folders).
+    pub dataset: String,
+    /// Where CIFAR-10 lives or is downloaded to.
+    pub data_dir: String,
+    /// CIFAR-10 source for the automatic download (URL or path); empty: `$SELFSUP_CIFAR10_SOURCE`
+    /// or the official URL.
+    pub source: String,
+    /// Expected sha256 of `source` (empty: the official digest for the official URL).
+    pub sha256: String,
+    /// Use only the first N training images (0: all), for quick runs.
+    pub train_subset: usize,
+    /// Image side (32 for CIFAR-10).
+    pub image_size: usize,
+    /// Augmentation preset (`simclr_cifar`, `simclr_imagenet`, `byol`).
+    pub augment: String,
+    /// Epochs.
+    pub epochs: usize,
+    /// Images per batch (each gives two views).
+    pub batch_size: usize,
+    /// Base learning rate (after warmup).
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_lr: f64,
+    /// Warmup epochs (linear).
+    pub warmup_epochs: f64,
+    /// Optimiser.
+    pub optimizer: OptimizerKind,
+    /// Momentum (SGD, LARS) or beta1 (AdamW).
+    pub momentum: f64,
+    /// Nesterov momentum (SGD).
+    pub nesterov: bool,
+    /// Weight decay (not on biases and norm parameters).
+    pub weight_decay: f64,
+    /// LARS trust coefficient.
+    pub lars_eta: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub clip_grad: f64,
+    /// Projection head hidden width.
+    pub proj_hidden: usize,
+    /// Projection output width.
+    pub proj_out: usize,
+    /// Loss temperature.
+    pub temperature: f64,
+    /// Seed for weights, order and augmentations.
+    pub seed: u64,
+    /// Worker threads for data and compute (0: one per core).
+    pub threads: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Run folder.
+    pub out: String,
+    /// kNN monitor every N epochs (0: never).
+    pub knn_every: usize,
+    /// kNN neighbours.
+    pub knn_k: usize,
+    /// kNN vote temperature.
+    pub knn_temperature: f64,
+    /// Test images for the kNN monitor (0: all).
+    pub knn_test_subset: usize,
+    /// Log a metrics line every N steps.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: "simclr".into(),
+            encoder: "small-cnn".into(),
+            dataset: "cifar10".into(),
+            data_dir: "data".into(),
+            source: String::new(),
+            sha256: String::new(),
+            train_subset: 0,
+            image_size: 32,
+            augment: "simclr_cifar".into(),
+            epochs: 10,
+            batch_size: 256,
+            lr: 0.06 * 256.0 / 256.0,
+            min_lr: 0.0,
+            warmup_epochs: 1.0,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+            lars_eta: 0.02,
+            clip_grad: 0.0,
+            proj_hidden: 512,
+            proj_out: 128,
+            temperature: 0.5,
+            seed: 0,
+            threads: 0,
+            device: "cpu".into(),
+            out: "runs/simclr".into(),
+            knn_every: 1,
+            knn_k: 200,
+            knn_temperature: 0.1,
+            knn_test_subset: 0,
+            log_every: 20,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parse TOML (unknown keys are errors that name the key).
+    pub fn from_toml(s: &str) -> Result<Self> {
+        toml::from_str(s)
+            .map_err(|e| Error::Config(format!("bad config: {}", e.to_string().trim())))
+    }
+
+    /// As TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+
+    /// Check values that would fail later.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.epochs == 0 {
+            return bad("epochs must be positive".into());
+        }
+        if self.batch_size < 2 {
+            return bad(format!(
+                "batch size must be at least 2, got {}",
+                self.batch_size
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr must be positive, got {}", self.lr));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "temperature must be positive, got {}",
+                self.temperature
+            ));
+        }
+        if self.warmup_epochs < 0.0 || !self.warmup_epochs.is_finite() {
+            return bad(format!(
+                "warmup_epochs must be >= 0, got {}",
+                self.warmup_epochs
+            ));
+        }
+        if self.out.is_empty() {
+            return bad("out (the run folder) must be set".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! # selfsup-train
+//!
+//! The training loop for any [`selfsup_methods::Method`]: optimisers that own their state
+//! ([`optim`]: SGD with momentum/Nesterov, AdamW, LARS; warmup + cosine schedule; gradient
+//! clipping), checkpoints written atomically after every epoch ([`checkpoint`]), exact resume,
+//! metrics as JSON lines, a kNN monitor, and a clear stop on a non-finite loss.
+//!
+//! Design choice: the optimiser state, the schedule position and the data order are all
+//! functions of what a checkpoint stores (weights, optimiser tensors, epoch and step) and of the
+//! seed, so a run killed after epoch `k` and resumed ends bit-identical to one never stopped.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+mod config;
+pub mod optim;
+pub mod setup;
+mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{embedding_std, parse_device, write_atomic, KnnMonitor, Summary, Trainer};
+
+/// Errors from training.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// From a method.
+    #[error(transparent)]
+    Method(#[from] selfsup_methods::Error),
+    /// From evaluation.
+    #[error(transparent)]
+    Eval(#[from] selfsup_eval::Error),
+    /// From the data pipeline.
+    #[error(transparent)]
+    Data(#[from] selfsup_data::Error),
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// A checkpoint that cannot be read or does not fit.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The loss became NaN or infinite.
+    #[error("loss is {value} at step {step} (epoch {}): stopping; the last checkpoint (after {epoch} completed epochs) is intact", epoch + 1)]
+    NonFinite {
+        /// Step (0-based) whose loss was not finite.
+        step: u64,
+        /// Epoch (0-based) of that step.
+        epoch: usize,
+        /// The loss value.
+        value: f64,
+    },
+    /// I/O with a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,448 @@
+//! The training loop.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use selfsup_data::Loader;
+use selfsup_eval::{extract_features, knn, KnnConfig};
+use selfsup_methods::{Method, ENCODER_PREFIX};
+
+use crate::checkpoint::{self, TrainState};
+use crate::optim::{lr_at, Optim, OptimConfig, Param};
+use crate::{Error, Result, TrainConfig};
+
+/// Data for the kNN monitor: the training set without augmentation (the memory bank) and the
+/// test set, both with labels.
+pub struct KnnMonitor {
+    /// Training images, normalisation only, unshuffled.
+    pub bank: Loader,
+    /// Test images, normalisation only, unshuffled.
+    pub test: Loader,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Epochs completed in total.
+    pub epochs: usize,
+    /// Steps in total.
+    pub steps: u64,
+    /// Mean loss of the first epoch run in this call.
+    pub first_loss: Option<f64>,
+    /// Mean loss of the last epoch.
+    pub last_loss: Option<f64>,
+    /// kNN top-1 after each epoch where it was measured: (epoch, top1).
+    pub knn: Vec<(usize, f64)>,
+    /// Wall seconds of this call.
+    pub wall_s: f64,
+    /// Training images per second (this call).
+    pub images_per_s: f64,
+    /// Share of the time spent waiting for data.
+    pub data_wait: f64,
+}
+
+/// A training run: method, optimiser, data and run folder.
+pub struct Trainer {
+    cfg: TrainConfig,
+    method: Box<dyn Method>,
+    optim: Optim,
+    loader: Loader,
+    monitor: Option<KnnMonitor>,
+    device: Device,
+    run_dir: PathBuf,
+    epoch: usize,
+    step: u64,
+    last_knn: Option<f64>,
+}
+
+/// Parse `cpu` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .map_err(|_| Error::Config(format!("bad device {s:?} (cpu or cuda:N)")))?;
+            Device::new_cuda(n).map_err(|e| {
+                Error::Config(format!("cannot use {s}: {e} (build with --features cuda)"))
+            })
+        }
+        _ => Err(Error::Config(format!("bad device {s:?} (cpu or cuda:N)"))),
+    }
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Mean over dimensions of the per-dimension standard deviation of L2-normalised embeddings:
+/// about `1/sqrt(D)` when embeddings spread over the sphere, 0 when they collapse to a point.
+pub fn embedding_std(z: &Tensor) -> Result<f64> {
+    let z = z.to_dtype(DType::F32)?;
+    let n = z
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    let z = z.broadcast_div(&n)?;
+    let c = z.broadcast_sub(&z.mean_keepdim(0)?)?;
+    scalar(&c.sqr()?.mean(0)?.sqrt()?.mean_all()?)
+}
+
+impl Trainer {
+    /// Set up a run (nothing is written yet).
+    pub fn new(
+        cfg: TrainConfig,
+        method: Box<dyn Method>,
+        loader: Loader,
+        monitor: Option<KnnMonitor>,
+        device: Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let mut ocfg = OptimConfig::defaults(cfg.optimizer);
+        ocfg.momentum = cfg.momentum;
+        ocfg.nesterov = cfg.nesterov;
+        ocfg.weight_decay = cfg.weight_decay;
+        ocfg.eta = cfg.lars_eta;
+        let params = {
+            let names = method.trainable();
+            let data = method.varmap().data().lock().unwrap();
+            names
+                .into_iter()
+                .map(|name| {
+                    let var = data[&name].clone();
+                    let decay = method.weight_decay(&name, var.as_tensor());
+                    Param { name, var, decay }
+                })
+                .collect()
+        };
+        let optim = Optim::new(ocfg, params)?;
+        let run_dir = PathBuf::from(&cfg.out);
+        Ok(Self {
+            cfg,
+            method,
+            optim,
+            loader,
+            monitor,
+            device,
+            run_dir,
+            epoch: 0,
+            step: 0,
+            last_knn: None,
+        })
+    }
+
+    /// The method.
+    pub fn method(&self) -> &dyn Method {
+        self.method.as_ref()
+    }
+
+    /// Epochs completed.
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// The run folder.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Load the latest checkpoint of the run folder, if there is one. Returns whether it did.
+    pub fn resume(&mut self) -> Result<bool> {
+        let Some(dir) = checkpoint::latest(&self.run_dir) else {
+            return Ok(false);
+        };
+        let st = checkpoint::read_state(&dir)?;
+        if st.method != self.cfg.method || st.encoder != self.cfg.encoder {
+            return Err(Error::Checkpoint(format!(
+                "{} holds a {} / {} run, not {} / {}",
+                dir.display(),
+                st.method,
+                st.encoder,
+                self.cfg.method,
+                self.cfg.encoder
+            )));
+        }
+        let model = checkpoint::read_tensors(&dir.join("model.safetensors"))?;
+        {
+            let data = self.method.varmap().data().lock().unwrap();
+            for (name, var) in data.iter() {
+                let t = model.get(name).ok_or_else(|| {
+                    Error::Checkpoint(format!("{}: model.safetensors lacks {name}", dir.display()))
+                })?;
+                if t.shape() != var.shape() {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: {name} has shape {:?}, the model {:?}",
+                        dir.display(),
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+            }
+        }
+        let opt = checkpoint::read_tensors(&dir.join("optimizer.safetensors"))?;
+        self.optim.load_state(opt, st.step)?;
+        self.epoch = st.epoch;
+        self.step = st.step;
+        self.last_knn = st.knn_top1;
+        truncate_metrics(&self.run_dir.join("metrics.jsonl"), self.step, self.epoch)?;
+        tracing::info!(
+            "resumed {} at epoch {} (step {})",
+            dir.display(),
+            self.epoch,
+            self.step
+        );
+        Ok(true)
+    }
+
+    fn save(&self) -> Result<()> {
+        let all = selfsup_models::io::named_tensors(self.method.varmap());
+        let model: HashMap<String, Tensor> = all.iter().cloned().collect();
+        let encoder: HashMap<String, Tensor> = all
+            .iter()
+            .filter_map(|(k, t)| {
+                k.strip_prefix(ENCODER_PREFIX)
+                    .map(|k| (k.to_string(), t.clone()))
+            })
+            .collect();
+        let st = TrainState {
+            epoch: self.epoch,
+            step: self.step,
+            method: self.cfg.method.clone(),
+            encoder: self.cfg.encoder.clone(),
+            feature_dim: self.method.encoder().feature_dim(),
+            knn_top1: self.last_knn,
+        };
+        checkpoint::save(
+            &self.run_dir,
+            &model,
+            &encoder,
+            &self.optim.state_tensors(),
+            &st,
+            &self.cfg.to_toml(),
+        )?;
+        Ok(())
+    }
+
+    /// kNN top-1 / top-5 of the current encoder with the monitor's data.
+    pub fn knn_eval(&self) -> Result<Option<(f64, f64)>> {
+        let Some(m) = &self.monitor else {
+            return Ok(None);
+        };
+        let bank = extract_features(self.method.encoder(), &m.bank, &self.device)?;
+        let test = extract_features(self.method.encoder(), &m.test, &self.device)?;
+        let (Some(bl), Some(tl)) = (&bank.labels, &test.labels) else {
+            return Err(Error::Config("the kNN monitor needs labelled data".into()));
+        };
+        let cfg = KnnConfig {
+            k: self.cfg.knn_k,
+            temperature: self.cfg.knn_temperature,
+        };
+        Ok(Some(knn(&bank.x, bl, &test.x, tl, m.classes, cfg)?))
+    }
+
+    /// Train until `cfg.epochs` (or `stop_after` more epochs), checkpointing after every epoch.
+    pub fn fit(&mut self, stop_after: Option<usize>) -> Result<Summary> {
+        std::fs::create_dir_all(&self.run_dir).map_err(|source| Error::Io {
+            path: self.run_dir.clone(),
+            source,
+        })?;
+        let cfg_path = self.run_dir.join("config.toml");
+        write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|source| Error::Io {
+                path: metrics_path.clone(),
+                source,
+            })?;
+        let per_epoch = self.loader.num_batches() as u64;
+        let total = per_epoch * self.cfg.epochs as u64;
+        let warmup = (self.cfg.warmup_epochs * per_epoch as f64).round() as u64;
+        let end = match stop_after {
+            Some(k) => (self.epoch + k).min(self.cfg.epochs),
+            None => self.cfg.epochs,
+        };
+        let mut summary = Summary::default();
+        let started = Instant::now();
+        let (mut images, mut waited) = (0usize, 0f64);
+        let pb = indicatif::ProgressBar::new(total);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_position(self.step);
+        let interactive = !pb.is_hidden();
+        while self.epoch < end {
+            let epoch = self.epoch;
+            pb.set_prefix(format!("epoch {}/{}", epoch + 1, self.cfg.epochs));
+            let t_epoch = Instant::now();
+            let (mut loss_sum, mut n_batches, mut ep_images, mut ep_wait) =
+                (0f64, 0usize, 0usize, 0f64);
+            let mut batches = self.loader.epoch(epoch as u64);
+            loop {
+                let t_wait = Instant::now();
+                let Some(batch) = batches.next() else { break };
+                let w = t_wait.elapsed().as_secs_f64();
+                ep_wait += w;
+                let batch = batch?;
+                let t_step = Instant::now();
+                let views: Vec<Tensor> = batch
+                    .views
+                    .iter()
+                    .map(|v| v.to_device(&self.device))
+                    .collect::<candle_core::Result<_>>()?;
+                let labels = match &batch.labels {
+                    Some(l) => Some(l.to_device(&self.device)?),
+                    None => None,
+                };
+                let out = self.method.forward_loss(&views, labels.as_ref())?;
+                let loss = scalar(&out.loss)?;
+                if !loss.is_finite() {
+                    return Err(Error::NonFinite {
+                        step: self.step,
+                        epoch,
+                        value: loss,
+                    });
+                }
+                let grads = out.loss.backward()?;
+                let lr = lr_at(self.step, total, warmup, self.cfg.lr, self.cfg.min_lr);
+                let scale = if self.cfg.clip_grad > 0.0 {
+                    let norm = self.optim.grad_norm(&grads)?;
+                    if norm > self.cfg.clip_grad {
+                        self.cfg.clip_grad / norm
+                    } else {
+                        1.0
+                    }
+                } else {
+                    1.0
+                };
+                self.optim.step(&grads, lr, scale)?;
+                self.method.after_step(self.step, total)?;
+                self.step += 1;
+                let n = batch.indices.len();
+                ep_images += n;
+                loss_sum += loss;
+                n_batches += 1;
+                let dt = t_step.elapsed().as_secs_f64() + w;
+                if self.step % self.cfg.log_every.max(1) as u64 == 0 || n_batches == 1 {
+                    let line = serde_json::json!({
+                        "kind": "step", "step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
+                        "images_per_s": n as f64 / dt, "data_wait": w / dt,
+                        "embed_std": embedding_std(&out.embeddings)?,
+                    });
+                    writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                        path: metrics_path.clone(),
+                        source,
+                    })?;
+                    if !interactive {
+                        tracing::info!(
+                            "epoch {} step {} loss {loss:.4} lr {lr:.4} {:.0} img/s",
+                            epoch + 1,
+                            self.step,
+                            n as f64 / dt
+                        );
+                    }
+                }
+                pb.set_position(self.step);
+                pb.set_message(format!("loss {loss:.4}"));
+            }
+            drop(batches);
+            let wall = t_epoch.elapsed().as_secs_f64();
+            let mean_loss = loss_sum / n_batches.max(1) as f64;
+            self.epoch += 1;
+            let knn_due = self.cfg.knn_every > 0
+                && (self.epoch % self.cfg.knn_every == 0 || self.epoch == self.cfg.epochs);
+            let knn_res = if knn_due { self.knn_eval()? } else { None };
+            if let Some((t1, _)) = knn_res {
+                self.last_knn = Some(t1);
+                summary.knn.push((self.epoch, t1));
+            }
+            let line = serde_json::json!({
+                "kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": mean_loss,
+                "knn_top1": knn_res.map(|r| r.0), "knn_top5": knn_res.map(|r| r.1),
+                "wall_s": wall, "images_per_s": ep_images as f64 / wall, "data_wait": ep_wait / wall,
+            });
+            writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                path: metrics_path.clone(),
+                source,
+            })?;
+            metrics.flush().map_err(|source| Error::Io {
+                path: metrics_path.clone(),
+                source,
+            })?;
+            tracing::info!(
+                "epoch {}/{}: loss {mean_loss:.4}{} ({:.0} s, {:.0} img/s, data wait {:.1}%)",
+                self.epoch,
+                self.cfg.epochs,
+                knn_res
+                    .map(|r| format!(", kNN top-1 {:.2}%", 100.0 * r.0))
+                    .unwrap_or_default(),
+                wall,
+                ep_images as f64 / wall,
+                100.0 * ep_wait / wall
+            );
+            self.save()?;
+            summary.first_loss.get_or_insert(mean_loss);
+            summary.last_loss = Some(mean_loss);
+            images += ep_images;
+            waited += ep_wait;
+        }
+        pb.finish_and_clear();
+        summary.epochs = self.epoch;
+        summary.steps = self.step;
+        summary.wall_s = started.elapsed().as_secs_f64();
+        summary.images_per_s = images as f64 / summary.wall_s.max(1e-9);
+        summary.data_wait = waited / summary.wall_s.max(1e-9);
+        Ok(summary)
+    }
+}
+
+/// Write a file atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Drop metric lines from after the checkpoint a run resumes from.
+fn truncate_metrics(path: &Path, step: u64, epoch: usize) -> Result<()> {
+    let Ok(s) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = s
+        .lines()
+        .filter(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) => match v["kind"].as_str() {
+                Some("step") => v["step"].as_u64().is_some_and(|s| s <= step),
+                Some("epoch") => v["epoch"].as_u64().is_some_and(|e| e as usize <= epoch),
+                _ => true,
+            },
+            Err(_) => false,
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}

@@ -1,0 +1,190 @@
+//! Optimisers against torch.optim (fixtures/make_optim_fixtures.py) on fixed gradients, and the
+//! learning-rate schedule.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use selfsup_train::optim::{lr_at, Optim, OptimConfig, OptimizerKind, Param};
+use serde_json::Value;
+
+fn t(v: &Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = match v.as_array().unwrap()[0] {
+        Value::Array(_) => v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect(),
+        _ => vec![v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()],
+    };
+    let (r, c) = (rows.len(), rows[0].len());
+    let flat: Vec<f64> = rows.into_iter().flatten().collect();
+    let t = Tensor::from_vec(flat, (r, c), &Device::Cpu).unwrap();
+    if v.as_array().unwrap()[0].is_array() {
+        t
+    } else {
+        t.squeeze(0).unwrap()
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn optimisers_match_torch_on_fixed_gradients() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/optim.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    for case in doc["cases"].as_array().unwrap() {
+        let kind: OptimizerKind = case["kind"].as_str().unwrap().parse().unwrap();
+        let c = &case["config"];
+        let mut cfg = OptimConfig::defaults(kind);
+        cfg.momentum = c["momentum"].as_f64().unwrap();
+        cfg.weight_decay = c["weight_decay"].as_f64().unwrap();
+        cfg.nesterov = c["nesterov"].as_bool().unwrap_or(false);
+        if let Some(e) = c["eta"].as_f64() {
+            cfg.eta = e;
+        }
+        if let Some(e) = c["eps"].as_f64() {
+            cfg.eps = e;
+        }
+        let w = Var::from_tensor(&t(&doc["w0"])).unwrap();
+        let b = Var::from_tensor(&t(&doc["b0"])).unwrap();
+        let params = vec![
+            Param {
+                name: "w".into(),
+                var: w.clone(),
+                decay: true,
+            },
+            Param {
+                name: "b".into(),
+                var: b.clone(),
+                decay: false,
+            },
+        ];
+        let mut opt = Optim::new(cfg, params).unwrap();
+        for (k, (g, lr)) in doc["grads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(doc["lrs"].as_array().unwrap())
+            .enumerate()
+        {
+            let mut gs = GradStore::default();
+            gs.insert(w.as_tensor(), t(&g["w"]));
+            gs.insert(b.as_tensor(), t(&g["b"]));
+            opt.step(&gs, lr.as_f64().unwrap(), 1.0).unwrap();
+            let want = &case["trajectory"][k];
+            let dw = max_diff(w.as_tensor(), &t(&want["w"]));
+            let db = max_diff(b.as_tensor(), &t(&want["b"]));
+            assert!(
+                dw < 1e-12 && db < 1e-12,
+                "{kind:?} {c}: step {k} differs by {dw:e} / {db:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn state_round_trip_continues_identically() {
+    let mk = || {
+        let w = Var::from_tensor(
+            &Tensor::arange(0f32, 6., &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        (
+            w.clone(),
+            Optim::new(
+                OptimConfig::defaults(OptimizerKind::Adamw),
+                vec![Param {
+                    name: "w".into(),
+                    var: w,
+                    decay: true,
+                }],
+            )
+            .unwrap(),
+        )
+    };
+    let grad = |w: &Var| {
+        let mut g = GradStore::default();
+        g.insert(w.as_tensor(), w.as_tensor().sin().unwrap());
+        g
+    };
+    let (w1, mut o1) = mk();
+    for _ in 0..4 {
+        o1.step(&grad(&w1), 0.1, 1.0).unwrap();
+    }
+    let (w2, mut o2) = mk();
+    for _ in 0..2 {
+        o2.step(&grad(&w2), 0.1, 1.0).unwrap();
+    }
+    let (w3, mut o3) = mk();
+    w3.set(w2.as_tensor()).unwrap();
+    o3.load_state(o2.state_tensors(), o2.steps()).unwrap();
+    for _ in 0..2 {
+        o3.step(&grad(&w3), 0.1, 1.0).unwrap();
+    }
+    assert_eq!(
+        w1.as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        w3.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+}
+
+#[test]
+fn warmup_then_cosine() {
+    let (total, warm, base) = (100, 10, 1.0);
+    assert!((lr_at(0, total, warm, base, 0.0) - 0.1).abs() < 1e-12);
+    assert!((lr_at(9, total, warm, base, 0.0) - 1.0).abs() < 1e-12);
+    assert!((lr_at(10, total, warm, base, 0.0) - 1.0).abs() < 1e-12);
+    assert!((lr_at(55, total, warm, base, 0.0) - 0.5).abs() < 1e-12);
+    assert!(
+        lr_at(99, total, warm, base, 0.01) > 0.01 && lr_at(99, total, warm, base, 0.01) < 0.011
+    );
+    assert!((lr_at(5, 10, 0, 2.0, 0.0) - 1.0).abs() < 1e-12);
+    assert!(Optim::new(
+        OptimConfig {
+            momentum: 1.5,
+            ..OptimConfig::defaults(OptimizerKind::Sgd)
+        },
+        vec![]
+    )
+    .is_err());
+}
