@@ -81,7 +81,7 @@ fn simclr_lowers_the_loss_and_keeps_classes_apart() {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["embed_std"].as_f64())
-        .last()
+        .next_back()
         .unwrap();
     assert!(last_std > 0.01, "embeddings collapsed: std {last_std}");
     assert!(dir.path().join("checkpoint/encoder.safetensors").is_file());
