@@ -280,3 +280,94 @@ fn convnet_seed_shapes() {
     let bad = Tensor::randn(0f32, 1., (2, 3, 28, 28), &Device::Cpu).unwrap();
     assert!(enc.forward_t(&bad, true).is_err());
 }
+
+#[test]
+fn heads_follow_lightlys_layout() {
+    use selfsup_models::heads::*;
+    use selfsup_models::Head;
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let h = Head::new(&simclr_projection(256, 512, 128), vb.pp("projection_head")).unwrap();
+    assert_eq!(h.out_dim(), 128);
+    let names: Vec<(String, Vec<usize>)> = io::named_tensors(&vm)
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect();
+    // nn.Sequential(Linear(256, 512, bias=False), BatchNorm1d(512), ReLU(), Linear(512, 128)).
+    let want = [
+        ("projection_head.layers.0.weight", vec![512, 256]),
+        ("projection_head.layers.1.bias", vec![512]),
+        ("projection_head.layers.1.running_mean", vec![512]),
+        ("projection_head.layers.1.running_var", vec![512]),
+        ("projection_head.layers.1.weight", vec![512]),
+        ("projection_head.layers.3.bias", vec![128]),
+        ("projection_head.layers.3.weight", vec![128, 512]),
+    ];
+    assert_eq!(
+        names,
+        want.iter()
+            .map(|(k, s)| (k.to_string(), s.clone()))
+            .collect::<Vec<_>>()
+    );
+    // BatchNorm1d really normalises in train mode: each output column of the first block has
+    // zero mean before the ReLU... so after ReLU the head output is finite and depends on the batch.
+    let x = Tensor::randn(0f32, 3., (16, 256), &Device::Cpu).unwrap();
+    let y = h.forward_t(&x, true).unwrap();
+    assert_eq!(y.dims(), &[16, 128]);
+    // SimSiam projector: three linear layers, each with BN, no bias before BN.
+    let vm = VarMap::new();
+    Head::new(
+        &simsiam_projection(64, 32, 16),
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let keys: Vec<String> = io::named_tensors(&vm).into_iter().map(|(k, _)| k).collect();
+    assert!(
+        keys.contains(&"layers.6.weight".to_string())
+            && keys.contains(&"layers.7.running_var".to_string())
+    );
+    assert!(!keys.iter().any(|k| k.starts_with("layers.0.bias")));
+    // Linear classifier has a bias.
+    let vm = VarMap::new();
+    Head::new(
+        &linear_classifier(64, 10),
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(io::named_tensors(&vm).len(), 2);
+}
+
+/// Writes selfsup-initialised weights and an input/output pair for
+/// fixtures/check_load_in_pytorch.py when `SELFSUP_EXPORT_DIR` is set.
+#[test]
+fn export_for_pytorch() {
+    let Ok(dir) = std::env::var("SELFSUP_EXPORT_DIR") else {
+        return;
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, kind) in [
+        ("small_cnn", "small-cnn"),
+        ("resnet18_cifar_w0125", "resnet18-cifar-w0.125"),
+        ("resnet18_imagenet_w0125", "resnet18-imagenet-w0.125"),
+    ] {
+        let vm = VarMap::new();
+        let enc = build_encoder(
+            &kind.parse().unwrap(),
+            seeded_var_builder(&vm, 7, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+        enc.forward_t(&x, true).unwrap(); // move the running statistics off their initial values
+        let y = enc.forward_t(&x, false).unwrap();
+        io::save_varmap(
+            &vm,
+            "",
+            &Path::new(&dir).join(format!("{name}.safetensors")),
+        )
+        .unwrap();
+        let mut m = std::collections::HashMap::new();
+        m.insert("input".to_string(), x);
+        m.insert("output".to_string(), y);
+        io::save_tensors(&m, &Path::new(&dir).join(format!("{name}.io.safetensors"))).unwrap();
+    }
+}
