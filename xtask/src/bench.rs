@@ -22,6 +22,19 @@ pub enum Bench {
         #[arg(long)]
         compare_torchvision: bool,
     },
+    /// A SimCLR training step (forward of both views, NT-Xent, backward, SGD step): images/s,
+    /// forward/backward split and memory, per step.
+    TrainStep {
+        /// small-cnn, resnet18, ... (any encoder name).
+        #[arg(long, default_value = "small-cnn")]
+        model: String,
+        /// Images per batch (two views each).
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Steps to time (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// Forward + backward time of each loss at N = 512, D = 128 (f32, CPU), next to a small-cnn
     /// forward + backward on 512 images (the two views of a batch of 256).
     Losses {
@@ -37,6 +50,11 @@ pub enum Bench {
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Losses { n, d } => losses(n, d),
+        Bench::TrainStep {
+            model,
+            batch,
+            steps,
+        } => train_step(&model, batch, steps),
         Bench::Augment {
             images,
             batch,
@@ -208,5 +226,87 @@ fn losses(n: usize, d: usize) -> Result<()> {
         step * 1e3,
         100.0 * nt_xent / step
     );
+    Ok(())
+}
+
+/// Current and peak resident memory in MiB, from /proc/self/status.
+pub fn rss_mib() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+fn train_step(model: &str, batch: usize, steps: usize) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
+    use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind, Param};
+    let dev = Device::Cpu;
+    let kind: selfsup_models::EncoderKind = model.parse()?;
+    let m = SimClr::new(
+        &kind,
+        &SimClrConfig {
+            hidden_dim: 512,
+            out_dim: 128,
+            temperature: 0.5,
+        },
+        0,
+        &Placement {
+            device: dev.clone(),
+            dtype: DType::F32,
+        },
+    )?;
+    let params = {
+        let names = m.trainable();
+        let data = m.varmap().data().lock().unwrap();
+        names
+            .into_iter()
+            .map(|n| {
+                let var = data[&n].clone();
+                let decay = m.weight_decay(&n, var.as_tensor());
+                Param {
+                    name: n,
+                    var,
+                    decay,
+                }
+            })
+            .collect()
+    };
+    let mut opt = Optim::new(OptimConfig::defaults(OptimizerKind::Sgd), params)?;
+    let v0 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
+    let v1 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
+    println!(
+        "SimCLR train step, {model}, batch {batch} ({} images through the encoder), CPU {} threads",
+        2 * batch,
+        candle_core::utils::get_num_threads()
+    );
+    let mut fwd = Vec::new();
+    let mut bwd = Vec::new();
+    for i in 0..=steps {
+        let t = Instant::now();
+        let out = m.forward_loss(&[v0.clone(), v1.clone()], None)?;
+        let _ = out.loss.to_scalar::<f32>()?;
+        let tf = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let g = out.loss.backward()?;
+        opt.step(&g, 0.1, 1.0)?;
+        let tb = t.elapsed().as_secs_f64();
+        drop(g);
+        drop(out);
+        let (rss, peak) = rss_mib();
+        println!("step {i}: forward {:.2} s, backward+update {:.2} s, {:.1} images/s, RSS {rss:.0} MiB (peak {peak:.0}){}", tf, tb, 2.0 * batch as f64 / (tf + tb), if i == 0 { " [warm-up]" } else { "" });
+        if i > 0 {
+            fwd.push(tf);
+            bwd.push(tb);
+        }
+    }
+    let (f, b) = (median(fwd), median(bwd));
+    let (_, peak) = rss_mib();
+    println!("median: forward {f:.3} s, backward {b:.3} s, {:.1} images/s (views); peak RSS {peak:.0} MiB", 2.0 * batch as f64 / (f + b));
     Ok(())
 }

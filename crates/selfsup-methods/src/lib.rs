@@ -10,8 +10,10 @@
 #![warn(missing_docs)]
 
 mod simclr;
+mod supervised;
 
 pub use simclr::{SimClr, SimClrConfig};
+pub use supervised::{Supervised, CLASSIFIER_PREFIX};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;

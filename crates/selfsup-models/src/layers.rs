@@ -227,8 +227,9 @@ impl BatchNorm {
                     .detach()
                     .flatten_all()?
                     .to_dtype(self.running_var.dtype())?;
-                let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean_d * m)?)?;
-                let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
+                let new_mean =
+                    ((self.running_mean.as_tensor().detach() * (1.0 - m))? + (mean_d * m)?)?;
+                let new_var = ((self.running_var.as_tensor().detach() * (1.0 - m))?
                     + (var_d * (m * n as f64 / (n as f64 - 1.0)))?)?;
                 self.running_mean.set(&new_mean)?;
                 self.running_var.set(&new_var)?;

@@ -186,12 +186,16 @@ impl Optim {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // Detach: a gradient can still reference the forward graph (candle tracks ops on
+            // tensors derived from variables), and a momentum buffer built from it would keep
+            // every step's activations alive.
+            let g = g.detach();
             let mut g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
                 g.clone()
             };
-            let w = p.var.as_tensor();
+            let w = &p.var.as_tensor().detach();
             let wd = if p.decay { c.weight_decay } else { 0.0 };
             let new_w = match c.kind {
                 OptimizerKind::Sgd | OptimizerKind::Lars => {

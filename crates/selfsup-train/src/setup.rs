@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use selfsup_data::{preset_views, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset};
-use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
+use selfsup_methods::{Method, Placement, SimClr, SimClrConfig, Supervised};
 use selfsup_models::EncoderKind;
 
 use crate::{parse_device, Error, KnnMonitor, Result, TrainConfig, Trainer};
 
 /// Methods `selfsup train --method` accepts.
-pub const METHODS: &[&str] = &["simclr"];
+pub const METHODS: &[&str] = &["simclr", "supervised"];
 
 /// The data of a run.
 pub struct RunData {
@@ -23,8 +23,12 @@ pub struct RunData {
     pub normalize: Normalize,
 }
 
-/// Build the method named in `cfg`.
-pub fn build_method(cfg: &TrainConfig, at: &Placement) -> Result<Box<dyn Method>> {
+/// Build the method named in `cfg`; `classes` is needed by `supervised` (which uses labels).
+pub fn build_method(
+    cfg: &TrainConfig,
+    classes: Option<usize>,
+    at: &Placement,
+) -> Result<Box<dyn Method>> {
     let kind: EncoderKind = cfg
         .encoder
         .parse()
@@ -37,6 +41,12 @@ pub fn build_method(cfg: &TrainConfig, at: &Placement) -> Result<Box<dyn Method>
                 temperature: cfg.temperature,
             };
             Ok(Box::new(SimClr::new(&kind, &mcfg, cfg.seed, at)?))
+        }
+        "supervised" => {
+            let classes = classes.filter(|&c| c > 0).ok_or_else(|| {
+                Error::Config("method supervised needs a labelled dataset".into())
+            })?;
+            Ok(Box::new(Supervised::new(&kind, classes, cfg.seed, at)?))
         }
         m => Err(Error::Config(format!(
             "unknown method {m:?} (known: {})",
@@ -71,10 +81,26 @@ pub fn build_trainer(cfg: &TrainConfig, data: RunData) -> Result<Trainer> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
     let at = Placement {
-        device: device.clone(),
+        device,
         dtype: DType::F32,
     };
-    let method = build_method(cfg, &at)?;
+    let classes = data
+        .train
+        .labels
+        .as_ref()
+        .map(|_| data.train.class_names.len());
+    let method = build_method(cfg, classes, &at)?;
+    build_trainer_with(cfg, data, method)
+}
+
+/// A trainer for `cfg` over `data` with a method built elsewhere (fine-tuning, baselines).
+pub fn build_trainer_with(
+    cfg: &TrainConfig,
+    data: RunData,
+    method: Box<dyn Method>,
+) -> Result<Trainer> {
+    cfg.validate()?;
+    let device = parse_device(&cfg.device)?;
     let preset: Preset = cfg.augment.parse()?;
     let train: Arc<InMemory> = if cfg.train_subset > 0 && cfg.train_subset < data.train.len() {
         Arc::new(

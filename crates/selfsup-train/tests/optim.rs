@@ -188,3 +188,35 @@ fn warmup_then_cosine() {
     )
     .is_err());
 }
+
+#[test]
+fn optimiser_state_holds_no_graph() {
+    // A gradient that still references the forward graph (as candle's leaf gradients can) must
+    // not be kept alive through the momentum buffers: that leaked every step's activations.
+    let w = Var::from_tensor(&Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    for kind in [
+        OptimizerKind::Sgd,
+        OptimizerKind::Adamw,
+        OptimizerKind::Lars,
+    ] {
+        let mut o = Optim::new(
+            OptimConfig::defaults(kind),
+            vec![Param {
+                name: "w".into(),
+                var: w.clone(),
+                decay: true,
+            }],
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let mut g = GradStore::default();
+            let tracked = (w.as_tensor() * 2.0).unwrap();
+            assert!(tracked.track_op());
+            g.insert(w.as_tensor(), tracked);
+            o.step(&g, 0.1, 1.0).unwrap();
+        }
+        for (k, t) in o.state_tensors() {
+            assert!(!t.track_op(), "{kind:?}: state {k} keeps an op graph");
+        }
+    }
+}
