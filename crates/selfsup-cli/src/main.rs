@@ -15,6 +15,7 @@ use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind
 use selfsup_train::setup::{build_trainer, RunData, METHODS};
 use selfsup_train::{checkpoint, parse_device, TrainConfig};
 
+mod lowlabel;
 mod presets;
 
 #[derive(Parser)]
@@ -140,13 +141,41 @@ enum EvalCmd {
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
     },
+    /// Low-label protocol: with 1% and 10% of the labels (balanced, seeded), a linear probe and
+    /// fine-tuning of the pretrained encoder beside the same supervised training from scratch.
+    LowLabel {
+        #[command(flatten)]
+        ck: CheckpointArgs,
+        /// Fractions of the training labels.
+        #[arg(long, value_delimiter = ',', default_value = "0.01,0.1")]
+        fractions: Vec<f64>,
+        /// Supervised epochs over each subset (fine-tuning and scratch alike).
+        #[arg(long, default_value_t = 30)]
+        epochs: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// SGD learning rate.
+        #[arg(long, default_value_t = 0.05)]
+        lr: f64,
+        /// Seed of the subsets and the training.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder for the supervised runs.
+        #[arg(long, default_value = "runs/low-label")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
 struct CheckpointArgs {
     /// Run folder, checkpoint folder, or encoder.safetensors.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "baseline")]
+    checkpoint: Option<PathBuf>,
+    /// Evaluate a baseline instead of a checkpoint: `random` (a freshly initialised --encoder,
+    /// seed 0) or `pixels` (the normalised pixels themselves as features).
+    #[arg(long, conflicts_with = "checkpoint")]
+    baseline: Option<String>,
     /// Encoder name, when the checkpoint has no config.toml beside it.
     #[arg(long)]
     encoder: Option<String>,
@@ -335,12 +364,42 @@ fn train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The encoder of a checkpoint, with its config when there is one.
+/// Raw pixels as features: `(N, C, H, W) -> (N, C H W)`.
+struct Pixels;
+
+impl Encoder for Pixels {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> selfsup_models::Result<Tensor> {
+        Ok(x.flatten_from(1)?)
+    }
+    fn feature_dim(&self) -> usize {
+        3 * 32 * 32
+    }
+}
+
+/// The encoder of a checkpoint (or a baseline), with its config when there is one.
 fn load_encoder(
     ck: &CheckpointArgs,
     device: &Device,
 ) -> Result<(Box<dyn Encoder>, Option<TrainConfig>)> {
-    let dir = checkpoint::resolve(&ck.checkpoint)?;
+    match ck.baseline.as_deref() {
+        Some("pixels") => return Ok((Box::new(Pixels), None)),
+        Some("random") => {
+            let name = ck.encoder.clone().unwrap_or_else(|| "small-cnn".into());
+            let vm = candle_nn::VarMap::new();
+            let enc = build_encoder(
+                &name.parse()?,
+                seeded_var_builder(&vm, 0, DType::F32, device),
+            )?;
+            return Ok((enc, None));
+        }
+        Some(b) => bail!("unknown baseline {b:?} (random or pixels)"),
+        None => {}
+    }
+    let path = ck
+        .checkpoint
+        .clone()
+        .expect("clap requires --checkpoint without --baseline");
+    let dir = checkpoint::resolve(&path)?;
     let cfg = std::fs::read_to_string(dir.join("config.toml"))
         .ok()
         .map(|s| TrainConfig::from_toml(&s))
@@ -356,8 +415,8 @@ fn load_encoder(
     let kind: EncoderKind = name.parse()?;
     let vm = candle_nn::VarMap::new();
     let enc = build_encoder(&kind, seeded_var_builder(&vm, 0, DType::F32, device))?;
-    let file = if ck.checkpoint.is_file() {
-        ck.checkpoint.clone()
+    let file = if path.is_file() {
+        path.clone()
     } else {
         dir.join("encoder.safetensors")
     };
@@ -366,7 +425,12 @@ fn load_encoder(
     Ok((enc, cfg))
 }
 
-fn eval_loader(ds: InMemory, size: usize, norm: Normalize, threads: usize) -> Result<Loader> {
+pub(crate) fn eval_loader(
+    ds: InMemory,
+    size: usize,
+    norm: Normalize,
+    threads: usize,
+) -> Result<Loader> {
     let lc = LoaderConfig {
         batch_size: 512,
         shuffle: false,
@@ -404,8 +468,62 @@ fn cifar_features(ck: &CheckpointArgs) -> Result<(selfsup_eval::Features, selfsu
     Ok((tr, te))
 }
 
+fn low_label(ck: &CheckpointArgs, ll: lowlabel::LowLabel) -> Result<()> {
+    let (tr, te) = cifar_features(ck)?;
+    let (train, test) = load_cifar(&ck.data_dir, "", "")?;
+    let probe = ck.checkpoint.is_some().then_some((&tr, &te));
+    lowlabel::run(&ll, &train, &test, probe)
+}
+
 fn eval(e: &EvalCmd) -> Result<()> {
     match e {
+        EvalCmd::LowLabel {
+            ck,
+            fractions,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            out,
+        } => {
+            let (encoder, weights) = match &ck.checkpoint {
+                Some(p) => {
+                    let dir = checkpoint::resolve(p)?;
+                    let cfg = std::fs::read_to_string(dir.join("config.toml"))
+                        .ok()
+                        .map(|s| TrainConfig::from_toml(&s))
+                        .transpose()?;
+                    let enc = ck
+                        .encoder
+                        .clone()
+                        .or(cfg.map(|c| c.encoder))
+                        .context("pass --encoder: no config.toml beside the weights")?;
+                    let file = if p.is_file() {
+                        p.clone()
+                    } else {
+                        dir.join("encoder.safetensors")
+                    };
+                    (enc, Some(file))
+                }
+                None => (
+                    ck.encoder.clone().unwrap_or_else(|| "small-cnn".into()),
+                    None,
+                ),
+            };
+            let ll = lowlabel::LowLabel {
+                encoder,
+                weights,
+                fractions: fractions.clone(),
+                epochs: *epochs,
+                batch_size: *batch_size,
+                lr: *lr,
+                seed: *seed,
+                threads: ck.threads,
+                device: ck.device.clone(),
+                out: out.clone(),
+            };
+            low_label(ck, ll)?;
+        }
         EvalCmd::Knn { ck, k, temperature } => {
             let (tr, te) = cifar_features(ck)?;
             let (t1, t5) = knn(

@@ -105,6 +105,8 @@ pub enum Preset {
     /// BYOL's asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize p 0.2
     /// (jitter 0.4/0.4/0.2/0.1 p 0.8).
     Byol,
+    /// Supervised training: random resized crop (scale 0.5-1) and horizontal flip, one view.
+    CropFlip,
     /// No augmentation, normalisation only.
     None,
 }
@@ -116,9 +118,10 @@ impl std::str::FromStr for Preset {
             "simclr_cifar" | "simclr-cifar" => Ok(Self::SimclrCifar),
             "simclr_imagenet" | "simclr-imagenet" => Ok(Self::SimclrImagenet),
             "byol" => Ok(Self::Byol),
+            "crop_flip" | "crop-flip" => Ok(Self::CropFlip),
             "none" => Ok(Self::None),
             _ => Err(Error::Config(format!(
-                "unknown augmentation preset {s:?} (known: simclr_cifar, simclr_imagenet, byol, none)"
+                "unknown augmentation preset {s:?} (known: simclr_cifar, simclr_imagenet, byol, crop_flip, none)"
             ))),
         }
     }
@@ -193,6 +196,19 @@ pub fn preset_views(preset: Preset, size: usize, normalize: Normalize) -> MultiV
                 ],
             }
         }
+        Preset::CropFlip => MultiView::repeat(
+            Pipeline {
+                transforms: vec![
+                    Arc::new(RandomResizedCrop {
+                        scale: (0.5, 1.0),
+                        ..RandomResizedCrop::new(size)
+                    }),
+                    Arc::new(HorizontalFlip { p: 0.5 }),
+                ],
+                normalize,
+            },
+            1,
+        ),
         Preset::None => MultiView::repeat(Pipeline::eval(normalize), 1),
     }
 }

@@ -1,0 +1,173 @@
+//! `selfsup eval low-label`: classification with 1% / 10% of the labels, pretrained vs scratch.
+//!
+//! For each fraction, a class-balanced seeded subset of the training labels is used three ways:
+//! a linear probe on the pretrained encoder's frozen features, fine-tuning the pretrained encoder
+//! with a linear classifier, and the same supervised training from a random initialisation with
+//! the same budget (epochs, batch size, learning rate, augmentation). All are scored top-1 on
+//! the full CIFAR-10 test set.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use selfsup_data::{InMemory, Normalize};
+use selfsup_eval::{balanced_subset, extract_features, linear_probe, LinearProbeConfig};
+use selfsup_methods::{Method, Placement, Supervised, CLASSIFIER_PREFIX, ENCODER_PREFIX};
+use selfsup_models::EncoderKind;
+use selfsup_train::optim::OptimizerKind;
+use selfsup_train::setup::{build_trainer_with, RunData};
+use selfsup_train::TrainConfig;
+
+/// Settings of one low-label evaluation.
+pub struct LowLabel {
+    /// Encoder name.
+    pub encoder: String,
+    /// Pretrained encoder weights (torchvision names), if any.
+    pub weights: Option<PathBuf>,
+    /// Fractions of the training labels.
+    pub fractions: Vec<f64>,
+    /// Supervised epochs over the subset.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// SGD learning rate.
+    pub lr: f64,
+    /// Seed of the subsets and the training.
+    pub seed: u64,
+    /// Threads.
+    pub threads: usize,
+    /// Device.
+    pub device: String,
+    /// Folder for the supervised runs.
+    pub out: PathBuf,
+}
+
+fn top1(method: &dyn Method, test: &selfsup_eval::Features) -> Result<f64> {
+    let data = method.varmap().data().lock().unwrap();
+    let w = data[&format!("{CLASSIFIER_PREFIX}layers.0.weight")]
+        .as_tensor()
+        .to_device(&Device::Cpu)?;
+    let b = data[&format!("{CLASSIFIER_PREFIX}layers.0.bias")]
+        .as_tensor()
+        .to_device(&Device::Cpu)?;
+    let logits = test.x.matmul(&w.t()?)?.broadcast_add(&b)?;
+    let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+    let labels = test.labels.as_ref().context("test labels")?;
+    Ok(pred
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| **p as usize == **l)
+        .count() as f64
+        / labels.len() as f64)
+}
+
+fn supervised(
+    ll: &LowLabel,
+    train: &InMemory,
+    test: &InMemory,
+    pretrained: bool,
+    tag: &str,
+) -> Result<f64> {
+    let device = selfsup_train::parse_device(&ll.device)?;
+    let kind: EncoderKind = ll.encoder.parse()?;
+    let method = Supervised::new(
+        &kind,
+        10,
+        ll.seed,
+        &Placement {
+            device: device.clone(),
+            dtype: DType::F32,
+        },
+    )?;
+    if pretrained {
+        let w = ll.weights.as_ref().context("no pretrained weights")?;
+        selfsup_models::io::load_varmap(method.varmap(), ENCODER_PREFIX, w)?;
+    }
+    let out = ll.out.join(tag);
+    let _ = std::fs::remove_dir_all(&out);
+    let cfg = TrainConfig {
+        method: "supervised".into(),
+        encoder: ll.encoder.clone(),
+        augment: "crop_flip".into(),
+        epochs: ll.epochs,
+        batch_size: ll.batch_size.min(train.pixels.len() / 3072).max(2),
+        lr: ll.lr,
+        optimizer: OptimizerKind::Sgd,
+        weight_decay: 5e-4,
+        warmup_epochs: 0.0,
+        knn_every: 0,
+        seed: ll.seed,
+        threads: ll.threads,
+        device: ll.device.clone(),
+        out: out.to_string_lossy().into_owned(),
+        log_every: 50,
+        ..Default::default()
+    };
+    let data = RunData {
+        train: Arc::new(train.clone()),
+        test: None,
+        normalize: Normalize::cifar10(),
+    };
+    let mut t = build_trainer_with(&cfg, data, Box::new(method))?;
+    t.fit(None)?;
+    let loader = crate::eval_loader(test.clone(), 32, Normalize::cifar10(), ll.threads)?;
+    let feats = extract_features(t.method().encoder(), &loader, &device)?;
+    top1(t.method(), &feats)
+}
+
+/// Run the protocol; prints a Markdown table and returns its rows.
+pub fn run(
+    ll: &LowLabel,
+    train: &InMemory,
+    test: &InMemory,
+    probe_features: Option<(&selfsup_eval::Features, &selfsup_eval::Features)>,
+) -> Result<()> {
+    let labels = train.label_vec().context("CIFAR-10 train labels")?;
+    println!("| labels | linear probe (pretrained) | fine-tune (pretrained) | from scratch |");
+    println!("| --- | --- | --- | --- |");
+    for &f in &ll.fractions {
+        let idx = balanced_subset(&labels, f, ll.seed);
+        let sub = train.subset(&idx);
+        let probe = match probe_features {
+            Some((tr, te)) => {
+                let ids = Tensor::from_vec(
+                    idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    idx.len(),
+                    &Device::Cpu,
+                )?;
+                let x = tr.x.index_select(&ids, 0)?;
+                let y: Vec<usize> = idx.iter().map(|&i| labels[i]).collect();
+                let r = linear_probe(
+                    &x,
+                    &y,
+                    &te.x,
+                    te.labels.as_ref().context("test labels")?,
+                    10,
+                    &LinearProbeConfig {
+                        seed: ll.seed,
+                        ..Default::default()
+                    },
+                )?;
+                format!("{:.2}%", 100.0 * r.top1)
+            }
+            None => "-".into(),
+        };
+        let pct = format!("{}", f * 100.0);
+        let ft = if ll.weights.is_some() {
+            format!(
+                "{:.2}%",
+                100.0 * supervised(ll, &sub, test, true, &format!("finetune-{pct}pct"))?
+            )
+        } else {
+            "-".into()
+        };
+        let scratch = supervised(ll, &sub, test, false, &format!("scratch-{pct}pct"))?;
+        println!(
+            "| {pct}% ({} images) | {probe} | {ft} | {:.2}% |",
+            idx.len(),
+            100.0 * scratch
+        );
+    }
+    Ok(())
+}
