@@ -96,7 +96,8 @@ pub fn conv2d_kaiming(
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        // im2col + one matrix product on the CPU (selfsup-ops); candle's conv2d elsewhere.
+        let y = selfsup_ops::conv2d(x, &self.weight, self.stride, self.padding)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -200,6 +201,25 @@ impl BatchNorm {
             )));
         }
         let shape = self.stat_shape(x);
+        if let (true, true, Some(w), Some(b)) = (
+            train,
+            x.device().is_cpu() && x.dtype() == candle_core::DType::F32,
+            &self.weight,
+            &self.bias,
+        ) {
+            // Fused CPU kernel (selfsup-ops): one pass for the statistics, one for the output,
+            // closed-form backward.
+            let n = x.elem_count() / c;
+            if n < 2 {
+                return Err(crate::Error::Config(format!(
+                    "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
+                    x.shape()
+                )));
+            }
+            let st = selfsup_ops::channel_stats(x)?;
+            self.update_running(&st.get(0)?, &st.get(1)?, n)?;
+            return Ok(selfsup_ops::batch_norm_train(x, w, b, self.eps)?);
+        }
         let (mean, var) = if train {
             let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
             let n = x.elem_count() / c;
@@ -252,6 +272,18 @@ impl BatchNorm {
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
         self.affine(y, &shape)
+    }
+
+    fn update_running(&self, mean: &Tensor, var_biased: &Tensor, n: usize) -> Result<()> {
+        let m = self.momentum;
+        let mean = mean.detach().to_dtype(self.running_mean.dtype())?;
+        let var = var_biased.detach().to_dtype(self.running_var.dtype())?;
+        let new_mean = ((self.running_mean.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((self.running_var.as_tensor().detach() * (1.0 - m))?
+            + (var * (m * n as f64 / (n as f64 - 1.0)))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)?;
+        Ok(())
     }
 
     fn affine(&self, y: Tensor, shape: &[usize]) -> Result<Tensor> {

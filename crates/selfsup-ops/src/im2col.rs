@@ -1,0 +1,234 @@
+//! `im2col` / `col2im` and the convolution built on them.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Shape of a square-kernel convolution over `(N, C, H, W)` inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Kernel side.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding.
+    pub pad: usize,
+}
+
+impl Geometry {
+    /// Output height.
+    pub fn oh(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// Output width.
+    pub fn ow(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// Rows of the column matrix, `C k k`.
+    pub fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    /// Columns of the column matrix, `N OH OW`.
+    pub fn cols(&self) -> usize {
+        self.n * self.oh() * self.ow()
+    }
+}
+
+trait Float: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// `x (N, C, H, W)` to `cols (C k k, N OH OW)`: row `(c, ky, kx)`, column `(n, oy, ox)` holds
+/// `x[n, c, oy s + ky - p, ox s + kx - p]` (0 outside).
+fn im2col_cpu<T: Float>(x: &[T], g: Geometry) -> Vec<T> {
+    let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
+    let mut out = vec![T::default(); g.rows() * g.cols()];
+    out.par_chunks_mut(g.cols())
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let c = row / (g.k * g.k);
+            let ky = (row / g.k) % g.k;
+            let kx = row % g.k;
+            for n in 0..g.n {
+                let plane = &x[(n * g.c + c) * g.h * g.w..(n * g.c + c + 1) * g.h * g.w];
+                let d = &mut dst[n * l..(n + 1) * l];
+                for oy in 0..oh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    let drow = &mut d[oy * ow..(oy + 1) * ow];
+                    if iy < 0 || iy >= g.h as isize {
+                        continue; // already zero
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    if g.stride == 1 {
+                        // Contiguous run: ix = ox + kx - p.
+                        let lo = g.pad.saturating_sub(kx); // first ox with ix >= 0
+                        let hi = (g.w + g.pad).saturating_sub(kx).min(ow); // first ox with ix >= w
+                        if lo < hi {
+                            let s0 = lo + kx - g.pad;
+                            drow[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                        }
+                    } else {
+                        for (ox, v) in drow.iter_mut().enumerate() {
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            if ix >= 0 && ix < g.w as isize {
+                                *v = src[ix as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// The adjoint of [`im2col_cpu`]: scatter-add `cols (C k k, N OH OW)` into `(N, C, H, W)`.
+fn col2im_cpu<T: Float>(cols: &[T], g: Geometry) -> Vec<T> {
+    let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
+    let ncols = g.cols();
+    let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
+    out.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(nc, plane)| {
+            let (n, c) = (nc / g.c, nc % g.c);
+            for ky in 0..g.k {
+                for kx in 0..g.k {
+                    let row = (c * g.k + ky) * g.k + kx;
+                    let src = &cols[row * ncols + n * l..row * ncols + (n + 1) * l];
+                    for oy in 0..oh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let prow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        let srow = &src[oy * ow..(oy + 1) * ow];
+                        for (ox, &v) in srow.iter().enumerate() {
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            if ix >= 0 && ix < g.w as isize {
+                                prow[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("selfsup-ops: input must be contiguous"),
+    }
+}
+
+struct Im2Col(Geometry);
+struct Col2Im(Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "selfsup-im2col"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let shape = Shape::from((g.rows(), g.cols()));
+        Ok(match s {
+            CpuStorage::F32(v) => (CpuStorage::F32(im2col_cpu(slice(v, l)?, g)), shape),
+            CpuStorage::F64(v) => (CpuStorage::F64(im2col_cpu(slice(v, l)?, g)), shape),
+            _ => candle_core::bail!("im2col: f32 or f64 only"),
+        })
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(col2im(grad, self.0)?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "selfsup-col2im"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let shape = Shape::from((g.n, g.c, g.h, g.w));
+        Ok(match s {
+            CpuStorage::F32(v) => (CpuStorage::F32(col2im_cpu(slice(v, l)?, g)), shape),
+            CpuStorage::F64(v) => (CpuStorage::F64(col2im_cpu(slice(v, l)?, g)), shape),
+            _ => candle_core::bail!("col2im: f32 or f64 only"),
+        })
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(im2col_g(grad, self.0)?))
+    }
+}
+
+fn im2col_g(x: &Tensor, g: Geometry) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2Col(g))
+}
+
+/// `x (N, C, H, W)` to the column matrix `(C k k, N OH OW)` (CPU, f32/f64), differentiable.
+pub fn im2col(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if k == 0 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+        candle_core::bail!(
+            "im2col: kernel {k} stride {stride} padding {pad} does not fit {:?}",
+            x.dims()
+        );
+    }
+    im2col_g(
+        x,
+        Geometry {
+            n,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+        },
+    )
+}
+
+/// The adjoint of [`im2col`], differentiable.
+pub fn col2im(cols: &Tensor, g: Geometry) -> Result<Tensor> {
+    if cols.dims() != [g.rows(), g.cols()] {
+        candle_core::bail!(
+            "col2im: expected ({}, {}), got {:?}",
+            g.rows(),
+            g.cols(),
+            cols.dims()
+        );
+    }
+    cols.contiguous()?.apply_op1(Col2Im(g))
+}
+
+/// 2-D convolution, `x (N, C, H, W)`, `w (O, C, k, k)`, no bias. On the CPU in f32/f64 it is
+/// `im2col` + one matrix product; elsewhere candle's `conv2d`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
+    let (o, c, k, k2) = w.dims4()?;
+    if !fast || k != k2 {
+        return x.conv2d(w, pad, stride, 1, 1);
+    }
+    let (n, cx, _, _) = x.dims4()?;
+    if cx != c {
+        candle_core::bail!(
+            "conv2d: input has {cx} channels, weight {:?} expects {c}",
+            w.dims()
+        );
+    }
+    let cols = im2col(x, k, stride, pad)?;
+    let (_, l) = cols.dims2()?;
+    let g_oh_ow = l / n;
+    let (h, wd) = (x.dim(2)?, x.dim(3)?);
+    let oh = (h + 2 * pad - k) / stride + 1;
+    let ow = (wd + 2 * pad - k) / stride + 1;
+    debug_assert_eq!(oh * ow, g_oh_ow);
+    let y = w.reshape((o, c * k * k))?.matmul(&cols)?; // (O, N OH OW)
+    y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
+}

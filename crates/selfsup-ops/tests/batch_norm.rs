@@ -1,0 +1,96 @@
+//! The fused batch norm agrees with the same formula composed of candle ops, values and
+//! gradients (input, weight, bias), for 4-D and 2-D inputs.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+    let c = x.dim(1).unwrap();
+    let n = (x.elem_count() / c) as f64;
+    let mut shape = vec![1; x.rank()];
+    shape[1] = c;
+    let mean = (x.sum_keepdim(dims.as_slice()).unwrap() / n).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = (xc.sqr().unwrap().sum_keepdim(dims.as_slice()).unwrap() / n).unwrap();
+    let y = xc
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
+    y.broadcast_mul(&w.reshape(shape.as_slice()).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(shape.as_slice()).unwrap())
+        .unwrap()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / s.max(1e-3)
+}
+
+#[test]
+fn fused_batch_norm_matches_composed_ops() {
+    let dev = Device::Cpu;
+    for shape in [
+        vec![4usize, 3, 5, 7],
+        vec![1, 8, 3, 3],
+        vec![16, 32],
+        vec![5, 64, 4, 4],
+    ] {
+        let c = shape[1];
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 2., shape.as_slice(), &dev).unwrap() + 3.0).unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, &dev).unwrap()).unwrap();
+        let ours = selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+            .unwrap();
+        let theirs = reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5);
+        assert!(max_rel(&ours, &theirs) < 1e-4, "{shape:?} forward");
+        let r = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
+            let d = max_rel(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-3, "{shape:?}: d{name} differs by {d}");
+        }
+        let st = selfsup_ops::channel_stats(x.as_tensor()).unwrap();
+        assert_eq!(st.dims(), &[2, c]);
+        let dims: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+        let mean = x
+            .as_tensor()
+            .mean_keepdim(dims.as_slice())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        assert!(max_rel(&st.get(0).unwrap(), &mean) < 1e-5);
+    }
+    let ints = Tensor::zeros((2, 3, 4), DType::F64, &dev).unwrap();
+    let w = Tensor::ones(3, DType::F64, &dev).unwrap();
+    assert!(selfsup_ops::batch_norm_train(&ints, &w, &w, 1e-5).is_err());
+}

@@ -1,0 +1,99 @@
+//! The im2col convolution agrees with candle's conv2d, values and gradients, over many shapes.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    d / s.max(1e-6)
+}
+
+#[test]
+fn conv2d_matches_candle_values_and_gradients() {
+    let dev = Device::Cpu;
+    let mut cases = 0;
+    for &(n, c, o, h, w) in &[
+        (1, 3, 8, 9, 9),
+        (3, 3, 16, 12, 10),
+        (2, 64, 32, 8, 8),
+        (5, 7, 5, 11, 13),
+    ] {
+        for k in [1usize, 3, 5, 7] {
+            for stride in [1usize, 2] {
+                for pad in [0usize, 1, 3] {
+                    if h + 2 * pad < k || w + 2 * pad < k {
+                        continue;
+                    }
+                    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev).unwrap())
+                        .unwrap();
+                    let wt =
+                        Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap())
+                            .unwrap();
+                    let ours =
+                        selfsup_ops::conv2d(x.as_tensor(), wt.as_tensor(), stride, pad).unwrap();
+                    let theirs = x
+                        .as_tensor()
+                        .conv2d(wt.as_tensor(), pad, stride, 1, 1)
+                        .unwrap();
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let what = format!("n{n} c{c} o{o} {h}x{w} k{k} s{stride} p{pad}");
+                    assert!(max_rel(&ours, &theirs) < 1e-4, "{what}: forward");
+                    // Gradients of a weighted sum (so every output position matters differently).
+                    let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+                    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (theirs * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    for (v, name) in [(&x, "input"), (&wt, "weight")] {
+                        let a = g1.get(v.as_tensor()).unwrap();
+                        let b = g2.get(v.as_tensor()).unwrap();
+                        assert!(
+                            max_rel(a, b) < 1e-4,
+                            "{what}: {name} gradient differs by {}",
+                            max_rel(a, b)
+                        );
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > 60, "{cases}");
+}
+
+#[test]
+fn f64_and_errors() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f64, 1., (2, 3, 6, 6), &dev).unwrap();
+    let w = Tensor::randn(0f64, 1., (4, 3, 3, 3), &dev).unwrap();
+    let a = selfsup_ops::conv2d(&x, &w, 1, 1).unwrap();
+    let b = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    assert!(max_rel(&a, &b) < 1e-12);
+    let bad = Tensor::randn(0f32, 1., (4, 2, 3, 3), &dev).unwrap();
+    assert!(selfsup_ops::conv2d(&x.to_dtype(DType::F32).unwrap(), &bad, 1, 1).is_err());
+    assert!(selfsup_ops::im2col(&x, 9, 1, 0).is_err());
+}
