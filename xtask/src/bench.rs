@@ -34,6 +34,10 @@ pub enum Bench {
         /// Steps to time (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Also run the identical PyTorch step (xtask/scripts/bench_train_step_torch.py with
+        /// `$SELFSUP_PYTHON`, default `python3`; needs torch) and print the ratio.
+        #[arg(long)]
+        compare_pytorch: bool,
     },
     /// Forward + backward time of each loss at N = 512, D = 128 (f32, CPU), next to a small-cnn
     /// forward + backward on 512 images (the two views of a batch of 256).
@@ -54,7 +58,38 @@ pub fn run(b: Bench) -> Result<()> {
             model,
             batch,
             steps,
-        } => train_step(&model, batch, steps),
+            compare_pytorch,
+        } => {
+            let ours = train_step(&model, batch, steps)?;
+            if compare_pytorch {
+                let script = concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/scripts/bench_train_step_torch.py"
+                );
+                let threads = candle_core::utils::get_num_threads().to_string();
+                let (b, s) = (batch.to_string(), steps.to_string());
+                let torch = python_output(&[
+                    script,
+                    "--model",
+                    &model,
+                    "--batch",
+                    &b,
+                    "--steps",
+                    &s,
+                    "--threads",
+                    &threads,
+                ])?;
+                print!("{torch}");
+                let words: Vec<&str> = torch.split_whitespace().collect();
+                let theirs: f64 = words
+                    .windows(2)
+                    .find(|w| w[1] == "images/s")
+                    .and_then(|w| w[0].parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("cannot read the PyTorch images/s"))?;
+                println!("selfsup / pytorch: {:.2}x", ours / theirs);
+            }
+            Ok(())
+        }
         Bench::Augment {
             images,
             batch,
@@ -242,7 +277,24 @@ pub fn rss_mib() -> (f64, f64) {
     (get("VmRSS:"), get("VmHWM:"))
 }
 
-fn train_step(model: &str, batch: usize, steps: usize) -> Result<()> {
+/// Run a Python script and return its standard output.
+fn python_output(args: &[&str]) -> Result<String> {
+    let py = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(&py)
+        .args(args)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!("cannot run {py}: {e} (set SELFSUP_PYTHON to a Python with torch)")
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{py} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
     use candle_core::{DType, Device, Tensor};
     use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
     use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind, Param};
@@ -307,6 +359,7 @@ fn train_step(model: &str, batch: usize, steps: usize) -> Result<()> {
     }
     let (f, b) = (median(fwd), median(bwd));
     let (_, peak) = rss_mib();
-    println!("median: forward {f:.3} s, backward {b:.3} s, {:.1} images/s (views); peak RSS {peak:.0} MiB", 2.0 * batch as f64 / (f + b));
-    Ok(())
+    let rate = 2.0 * batch as f64 / (f + b);
+    println!("selfsup median: forward {f:.3} s, backward {b:.3} s, {rate:.1} images/s (views); peak RSS {peak:.0} MiB");
+    Ok(rate)
 }
