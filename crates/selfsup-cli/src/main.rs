@@ -21,6 +21,7 @@ use selfsup_train::{checkpoint, parse_device, TrainConfig};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod lowlabel;
+mod neighbors;
 mod presets;
 
 #[derive(Parser)]
@@ -45,6 +46,8 @@ enum Cmd {
     },
     /// Export the features of a dataset as (N, D) f32 (`.safetensors` with labels, or `.npy`).
     Embed(EmbedArgs),
+    /// A PNG of a query image and its nearest neighbours in the CIFAR-10 training set.
+    Neighbors(NeighborsArgs),
 }
 
 /// Options of `selfsup train`. Each one also lives in the TOML config (same name, `_` for `-`);
@@ -193,6 +196,21 @@ struct CheckpointArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct NeighborsArgs {
+    #[command(flatten)]
+    ck: CheckpointArgs,
+    /// An image file, or `cifar10-test:INDEX`.
+    #[arg(long)]
+    query: String,
+    /// Neighbours to show.
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// Output PNG.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -640,6 +658,48 @@ fn embed(a: &EmbedArgs) -> Result<()> {
     Ok(())
 }
 
+fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
+    set_threads(a.ck.threads);
+    let device = parse_device(&a.ck.device)?;
+    let (enc, _) = load_encoder(&a.ck, &device)?;
+    let (train, test) = load_cifar(&a.ck.data_dir, "", "")?;
+    let query = match a.query.strip_prefix("cifar10-test:") {
+        Some(i) => {
+            let i: usize = i
+                .parse()
+                .with_context(|| format!("bad index in {:?}", a.query))?;
+            selfsup_data::Dataset::get(&test, i)?.image
+        }
+        None => folder::load_image(Path::new(&a.query), 32)?,
+    };
+    let bank = extract_features(
+        enc.as_ref(),
+        &eval_loader(train.clone(), 32, Normalize::cifar10(), a.ck.threads)?,
+        &device,
+    )?;
+    let q = enc
+        .forward_t(
+            &neighbors::query_tensor(&query, &Normalize::cifar10())?.to_device(&device)?,
+            false,
+        )?
+        .to_device(&Device::Cpu)?;
+    let hits = neighbors::nearest(&bank, &q, a.k)?;
+    neighbors::write_grid(&query, &train, &hits, 4, &a.out)?;
+    let names = &train.class_names;
+    let labels = train.label_vec().unwrap_or_default();
+    let desc: Vec<String> = hits
+        .iter()
+        .map(|&(i, s)| {
+            format!(
+                "#{i} {} ({s:.3})",
+                labels.get(i).map(|&l| names[l].as_str()).unwrap_or("?")
+            )
+        })
+        .collect();
+    println!("wrote {}: {}", a.out.display(), desc.join(", "));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -653,6 +713,7 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train(a),
         Cmd::Eval { what } => eval(what),
         Cmd::Embed(a) => embed(a),
+        Cmd::Neighbors(a) => neighbors_cmd(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

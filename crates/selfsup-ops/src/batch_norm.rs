@@ -15,6 +15,14 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer the pointer was taken from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     let d = l.dims();
     if d.len() < 2 {
@@ -101,7 +109,6 @@ impl CustomOp3 for BnTrain {
         let mut y = vec![0f32; x.len()];
         let out = Out(y.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
-            let out = out;
             let (mean, var) = st[ch];
             let istd = 1.0 / (var + self.eps).sqrt();
             let scale = (w[ch] as f64 * istd) as f32;
@@ -110,7 +117,7 @@ impl CustomOp3 for BnTrain {
                 let off = (i * c + ch) * hw;
                 for j in 0..hw {
                     // SAFETY: channel `ch` owns the indices (i * c + ch) * hw + j; tasks are disjoint.
-                    unsafe { *out.0.add(off + j) = x[off + j] * scale + shift };
+                    unsafe { *out.at(off + j) = x[off + j] * scale + shift };
                 }
             }
         });
@@ -161,7 +168,6 @@ impl CustomOp3 for BnGrad {
         let p = Out(out.as_mut_ptr());
         let m = (n * hw) as f64;
         (0..c).into_par_iter().for_each(|ch| {
-            let p = p;
             let (mean, var) = st[ch];
             let istd = 1.0 / (var + self.eps).sqrt();
             let (mut db, mut dw) = (0f64, 0f64);
@@ -180,13 +186,13 @@ impl CustomOp3 for BnGrad {
                     let xh = (x[off + j] as f64 - mean) * istd;
                     let v = k * (m * dy[off + j] as f64 - db - xh * dw);
                     // SAFETY: as in the forward pass, channel `ch` owns these indices.
-                    unsafe { *p.0.add(off + j) = v as f32 };
+                    unsafe { *p.at(off + j) = v as f32 };
                 }
             }
             // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
             unsafe {
-                *p.0.add(numel + ch) = dw as f32;
-                *p.0.add(numel + c + ch) = db as f32;
+                *p.at(numel + ch) = dw as f32;
+                *p.at(numel + c + ch) = db as f32;
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(numel + 2 * c)))
