@@ -301,7 +301,9 @@ fn merge_toml(base: &TrainConfig, s: &str) -> Result<TrainConfig> {
 
 fn load_cifar(cfg_data_dir: &str, source: &str, sha256: &str) -> Result<(InMemory, InMemory)> {
     let dir = PathBuf::from(cfg_data_dir);
-    if !cifar::is_complete(&dir) {
+    // Fetch only when there is no CIFAR-10 at all; files that are there but damaged are
+    // reported by the reader (file and offset) rather than silently replaced.
+    if !cifar::batches_dir(&dir).join(cifar::TEST_FILE).is_file() {
         tracing::info!("CIFAR-10 not found in {}: fetching it", dir.display());
         let opts = selfsup_data::download::FetchOptions {
             source: (!source.is_empty()).then(|| source.to_string()),

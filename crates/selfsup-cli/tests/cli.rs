@@ -125,3 +125,84 @@ fn train_resume_embed_and_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
+    use selfsup_data::cifar;
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join(cifar::BATCHES_DIR);
+    std::fs::create_dir_all(&b).unwrap();
+    let per = 20;
+    let mut rng = 1u32;
+    let mut noise = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 17;
+        rng ^= rng << 5;
+        (rng >> 24) as u8
+    };
+    let mut first_train = Vec::new();
+    for (fi, f) in cifar::TRAIN_FILES
+        .iter()
+        .chain([cifar::TEST_FILE].iter())
+        .enumerate()
+    {
+        let labels: Vec<u8> = (0..per).map(|i| (i % 10) as u8).collect();
+        let mut px: Vec<u8> = (0..per * 3072).map(|_| noise()).collect();
+        if fi == 0 {
+            first_train = px.clone();
+        }
+        if fi == 5 {
+            // Test image 0 is training image 7 exactly.
+            px[..3072].copy_from_slice(&first_train[7 * 3072..8 * 3072]);
+        }
+        cifar::write_batch(&b.join(f), &px, &labels).unwrap();
+    }
+    std::fs::write(b.join(cifar::META_FILE), cifar::CLASSES.join("\n")).unwrap();
+    let png = d.path().join("grid.png");
+    let out = selfsup()
+        .args([
+            "neighbors",
+            "--baseline",
+            "pixels",
+            "--query",
+            "cifar10-test:0",
+            "--k",
+            "3",
+        ])
+        .args([
+            "--data-dir",
+            d.path().to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": #7 horse (1.000)"), "{stdout}");
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 128 + 6 * 4, 128 + 8));
+    let out = selfsup()
+        .args([
+            "eval",
+            "knn",
+            "--baseline",
+            "pixels",
+            "--k",
+            "5",
+            "--data-dir",
+            d.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("top-1"));
+}
