@@ -1,0 +1,108 @@
+//! kNN, linear probe, balanced subsets, and feature extraction keeping no graph.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use selfsup_data::{preset_views, synthetic, Loader, LoaderConfig, Normalize, Preset};
+use selfsup_eval::*;
+use selfsup_models::{build_encoder, seeded_var_builder, EncoderKind};
+
+#[test]
+fn knn_and_probe_on_separable_features() {
+    // Two well separated Gaussian blobs per class in 8-D, 4 classes.
+    let dev = Device::Cpu;
+    let centers = Tensor::randn(0f32, 5., (4, 8), &dev).unwrap();
+    let make = |n: usize| {
+        let labels: Vec<usize> = (0..n).map(|i| i % 4).collect();
+        let idx = Tensor::from_vec(
+            labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+            n,
+            &dev,
+        )
+        .unwrap();
+        let x = (centers.index_select(&idx, 0).unwrap()
+            + Tensor::randn(0f32, 0.5, (n, 8), &dev).unwrap())
+        .unwrap();
+        (x, labels)
+    };
+    let (tr, trl) = make(200);
+    let (te, tel) = make(100);
+    let (t1, t5) = knn(
+        &tr,
+        &trl,
+        &te,
+        &tel,
+        4,
+        KnnConfig {
+            k: 20,
+            temperature: 0.1,
+        },
+    )
+    .unwrap();
+    assert!(t1 > 0.95 && t5 == 1.0, "{t1} {t5}");
+    let r = linear_probe(
+        &tr,
+        &trl,
+        &te,
+        &tel,
+        4,
+        &LinearProbeConfig {
+            epochs: 30,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.top1 > 0.95, "{r:?}");
+    // Permuted training labels: kNN then predicts the wrong class every time.
+    let shuffled: Vec<usize> = trl.iter().map(|&l| (l * 7 + 3) % 4).collect();
+    let (s1, _) = knn(&tr, &shuffled, &te, &tel, 4, KnnConfig::default()).unwrap();
+    assert!(s1 < 0.1, "{s1}");
+    assert!(knn(&tr, &trl[..10], &te, &tel, 4, KnnConfig::default()).is_err());
+}
+
+#[test]
+fn balanced_subsets_are_balanced_and_seeded() {
+    let labels: Vec<usize> = (0..1000).map(|i| i % 10).collect();
+    let a = balanced_subset(&labels, 0.01, 3);
+    assert_eq!(a.len(), 10);
+    let mut per = [0; 10];
+    for &i in &a {
+        per[labels[i]] += 1;
+    }
+    assert_eq!(per, [1; 10]);
+    assert_eq!(a, balanced_subset(&labels, 0.01, 3));
+    assert_ne!(
+        balanced_subset(&labels, 0.1, 3),
+        balanced_subset(&labels, 0.1, 4)
+    );
+    assert_eq!(balanced_subset(&labels, 0.1, 3).len(), 100);
+}
+
+#[test]
+fn features_keep_no_graph() {
+    let ds = Arc::new(synthetic::stripes(20, 16, 2, 0));
+    let vm = candle_nn::VarMap::new();
+    let enc = build_encoder(
+        &EncoderKind::SmallCnn,
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let l = Loader::new(
+        ds,
+        preset_views(Preset::None, 16, Normalize::cifar10()),
+        LoaderConfig {
+            batch_size: 8,
+            shuffle: true,
+            drop_last: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let f = extract_features(enc.as_ref(), &l, &Device::Cpu).unwrap();
+    assert_eq!(f.x.dims(), &[20, 256]);
+    // Outputs of a model with variables carry its graph unless detached (a 24 GiB leak once).
+    assert!(!f.x.track_op());
+    // Rows are back in dataset order although the loader shuffled.
+    let labels = f.labels.unwrap();
+    assert_eq!(labels, (0..20).map(|i| i % 2).collect::<Vec<_>>());
+}
