@@ -297,7 +297,7 @@ fn python_output(args: &[&str]) -> Result<String> {
 fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
     use candle_core::{DType, Device, Tensor};
     use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
-    use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind, Param};
+    use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind};
     let dev = Device::Cpu;
     let kind: selfsup_models::EncoderKind = model.parse()?;
     let m = SimClr::new(
@@ -313,22 +313,7 @@ fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
             dtype: DType::F32,
         },
     )?;
-    let params = {
-        let names = m.trainable();
-        let data = m.varmap().data().lock().unwrap();
-        names
-            .into_iter()
-            .map(|n| {
-                let var = data[&n].clone();
-                let decay = m.weight_decay(&n, var.as_tensor());
-                Param {
-                    name: n,
-                    var,
-                    decay,
-                }
-            })
-            .collect()
-    };
+    let params = selfsup_train::method_params(&m);
     let mut opt = Optim::new(OptimConfig::defaults(OptimizerKind::Sgd), params)?;
     let v0 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
     let v1 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;

@@ -90,7 +90,7 @@ impl Default for TrainConfig {
             augment: "simclr_cifar".into(),
             epochs: 10,
             batch_size: 256,
-            lr: 0.06 * 256.0 / 256.0,
+            lr: 0.06,
             min_lr: 0.0,
             warmup_epochs: 1.0,
             optimizer: OptimizerKind::Sgd,

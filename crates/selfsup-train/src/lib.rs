@@ -17,7 +17,9 @@ pub mod setup;
 mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{embedding_std, parse_device, write_atomic, KnnMonitor, Summary, Trainer};
+pub use trainer::{
+    embedding_std, method_params, parse_device, write_atomic, KnnMonitor, Summary, Trainer,
+};
 
 /// Errors from training.
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,20 @@ pub struct Trainer {
     last_knn: Option<f64>,
 }
 
+/// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
+pub fn method_params(method: &dyn Method) -> Vec<Param> {
+    let names = method.trainable();
+    let data = method.varmap().data().lock().unwrap();
+    names
+        .into_iter()
+        .map(|name| {
+            let var = data[&name].clone();
+            let decay = method.weight_decay(&name, var.as_tensor());
+            Param { name, var, decay }
+        })
+        .collect()
+}
+
 /// Parse `cpu` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
@@ -111,18 +125,7 @@ impl Trainer {
         ocfg.nesterov = cfg.nesterov;
         ocfg.weight_decay = cfg.weight_decay;
         ocfg.eta = cfg.lars_eta;
-        let params = {
-            let names = method.trainable();
-            let data = method.varmap().data().lock().unwrap();
-            names
-                .into_iter()
-                .map(|name| {
-                    let var = data[&name].clone();
-                    let decay = method.weight_decay(&name, var.as_tensor());
-                    Param { name, var, decay }
-                })
-                .collect()
-        };
+        let params = method_params(method.as_ref());
         let optim = Optim::new(ocfg, params)?;
         let run_dir = PathBuf::from(&cfg.out);
         Ok(Self {
