@@ -237,23 +237,7 @@ impl BatchNorm {
                 .sqr()?
                 .sum_keepdim(dims.as_slice())?
                 .affine(1.0 / n as f64, 0.0)?;
-            {
-                let m = self.momentum;
-                let mean_d = mean
-                    .detach()
-                    .flatten_all()?
-                    .to_dtype(self.running_mean.dtype())?;
-                let var_d = var
-                    .detach()
-                    .flatten_all()?
-                    .to_dtype(self.running_var.dtype())?;
-                let new_mean =
-                    ((self.running_mean.as_tensor().detach() * (1.0 - m))? + (mean_d * m)?)?;
-                let new_var = ((self.running_var.as_tensor().detach() * (1.0 - m))?
-                    + (var_d * (m * n as f64 / (n as f64 - 1.0)))?)?;
-                self.running_mean.set(&new_mean)?;
-                self.running_var.set(&new_var)?;
-            }
+            self.update_running(&mean.flatten_all()?, &var.flatten_all()?, n)?;
             let inv = (var + self.eps)?.sqrt()?.recip()?;
             let y = xc.broadcast_mul(&inv)?;
             return self.affine(y, &shape);

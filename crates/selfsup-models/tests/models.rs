@@ -371,3 +371,35 @@ fn export_for_pytorch() {
         io::save_tensors(&m, &Path::new(&dir).join(format!("{name}.io.safetensors"))).unwrap();
     }
 }
+
+#[test]
+fn composed_and_fused_batch_norm_agree() {
+    // Affine f32 on the CPU takes the fused kernel; a non-affine norm takes the composed path.
+    // With weight 1 and bias 0 both must give the same outputs and running statistics.
+    use selfsup_models::layers::{batch_norm, batch_norm_opts};
+    let x = (Tensor::randn(0f32, 2., (6, 4, 3, 3), &Device::Cpu).unwrap() + 1.0).unwrap();
+    let vm1 = VarMap::new();
+    let fused = batch_norm(4, seeded_var_builder(&vm1, 0, DType::F32, &Device::Cpu)).unwrap();
+    let vm2 = VarMap::new();
+    let composed = batch_norm_opts(
+        4,
+        false,
+        seeded_var_builder(&vm2, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let a = fused.forward_t(&x, true).unwrap();
+    let b = composed.forward_t(&x, true).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+    for (ra, rb) in [
+        (&fused.running_mean, &composed.running_mean),
+        (&fused.running_var, &composed.running_var),
+    ] {
+        assert!(max_abs_diff(ra.as_tensor(), rb.as_tensor()) < 1e-5);
+        assert!(
+            max_abs_diff(
+                ra.as_tensor(),
+                &Tensor::ones(4, DType::F32, &Device::Cpu).unwrap()
+            ) > 1e-3
+        );
+    }
+}
