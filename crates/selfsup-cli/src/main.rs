@@ -12,7 +12,7 @@ use selfsup_data::{
 };
 use selfsup_eval::{extract_features, knn, linear_probe, KnnConfig, LinearProbeConfig};
 use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
-use selfsup_train::setup::{build_trainer, RunData, METHODS};
+use selfsup_train::setup::{build_trainer, check_method_name, RunData};
 use selfsup_train::{checkpoint, parse_device, TrainConfig};
 
 // mimalloc keeps freed pages for reuse: candle allocates a fresh buffer per op, and with the
@@ -54,7 +54,10 @@ enum Cmd {
 /// flags override the config file, which overrides the preset.
 #[derive(Args, Default)]
 struct TrainArgs {
-    /// Method: simclr.
+    /// Method: simclr, moco, byol, simsiam, barlow, vicreg, pairs, rotation, colorization; a
+    /// hybrid such as simclr+rotation (contrastive + pretext, see --aux-weight); or, using the
+    /// labels: supcon, supervised (and pairs with --pair-labels). Each sets its own defaults
+    /// (temperature, head widths, momentum, augmentation), see docs/methods.md.
     #[arg(long)]
     method: Option<String>,
     /// Encoder: small-cnn, resnet18, resnet34, resnet50 (-cifar / -imagenet stem, -wN width), convnet-seed.
@@ -90,9 +93,48 @@ struct TrainArgs {
     /// Warmup epochs.
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    /// Loss temperature.
+    /// Loss temperature (simclr, moco, supcon).
     #[arg(long)]
     temperature: Option<f64>,
+    /// Augmentation: simclr_cifar, simclr_imagenet, byol, crop_flip, none.
+    #[arg(long)]
+    augment: Option<String>,
+    /// Projection head hidden width.
+    #[arg(long)]
+    proj_hidden: Option<usize>,
+    /// Projection output width.
+    #[arg(long)]
+    proj_out: Option<usize>,
+    /// Predictor hidden width (byol, simsiam).
+    #[arg(long)]
+    pred_hidden: Option<usize>,
+    /// Target-network momentum at the start (moco, byol).
+    #[arg(long)]
+    momentum_tau: Option<f64>,
+    /// Cosine schedule of the target momentum up to 1 (byol's default; true or false).
+    #[arg(long)]
+    momentum_cosine: Option<bool>,
+    /// MoCo queue size (keys).
+    #[arg(long)]
+    queue_size: Option<usize>,
+    /// MoCo symmetric loss (true or false).
+    #[arg(long)]
+    symmetric: Option<bool>,
+    /// Weight of the pretext loss in a hybrid (simclr+rotation).
+    #[arg(long)]
+    aux_weight: Option<f64>,
+    /// pairs: margin or triplet.
+    #[arg(long)]
+    pair_loss: Option<String>,
+    /// pairs: margin of the loss.
+    #[arg(long)]
+    margin: Option<f64>,
+    /// pairs: positives/negatives from labels too (uses labels; true or false).
+    #[arg(long)]
+    pair_labels: Option<bool>,
+    /// colorization: regression, bins or bins:Q.
+    #[arg(long)]
+    color_target: Option<String>,
     /// Seed for weights, data order and augmentations.
     #[arg(long)]
     seed: Option<u64>,
@@ -239,10 +281,29 @@ fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(p) = &a.preset {
         cfg = presets::preset(p)?;
     }
-    if let Some(path) = &a.config {
-        let s = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        cfg = merge_toml(&cfg, &s).with_context(|| format!("{}", path.display()))?;
+    let file = match &a.config {
+        Some(path) => Some((
+            path,
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )),
+        None => None,
+    };
+    // The method's own defaults go under the config file and the flags.
+    let file_method = file.as_ref().and_then(|(_, s)| {
+        toml::from_str::<toml::Table>(s)
+            .ok()
+            .and_then(|t| t.get("method").and_then(|m| m.as_str().map(String::from)))
+    });
+    let method = a
+        .method
+        .clone()
+        .or(file_method)
+        .unwrap_or_else(|| cfg.method.clone());
+    check_method_name(&method)?;
+    cfg.apply_method_defaults(&method);
+    if let Some((path, s)) = &file {
+        cfg = merge_toml(&cfg, s).with_context(|| format!("{}", path.display()))?;
     }
     if a.resume {
         let out = a.out.clone().unwrap_or_else(|| cfg.out.clone());
@@ -272,19 +333,26 @@ fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         device,
         out,
         train_subset,
-        knn_every
+        knn_every,
+        augment,
+        proj_hidden,
+        proj_out,
+        pred_hidden,
+        momentum_tau,
+        momentum_cosine,
+        queue_size,
+        symmetric,
+        aux_weight,
+        pair_loss,
+        margin,
+        pair_labels,
+        color_target
     );
     if let Some(o) = &a.optimizer {
         cfg.optimizer = o.parse()?;
     }
     cfg.validate()?;
-    if !METHODS.contains(&cfg.method.as_str()) {
-        bail!(
-            "unknown method {:?} (known: {})",
-            cfg.method,
-            METHODS.join(", ")
-        );
-    }
+    check_method_name(&cfg.method)?;
     cfg.encoder.parse::<EncoderKind>()?;
     Ok(cfg)
 }

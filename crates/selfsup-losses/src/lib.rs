@@ -25,17 +25,21 @@ mod barlow_twins;
 mod cosine;
 mod error;
 mod info_nce;
+mod margin;
 mod nt_xent;
 pub mod ops;
 mod supcon;
+mod triplet;
 mod vicreg;
 
 pub use barlow_twins::BarlowTwins;
 pub use cosine::{CosineSimilarity, NegativeCosine};
 pub use error::{Error, Result};
 pub use info_nce::InfoNce;
+pub use margin::ContrastiveMargin;
 pub use nt_xent::NtXent;
 pub use supcon::SupCon;
+pub use triplet::TripletMargin;
 pub use vicreg::Vicreg;
 
 use candle_core::Tensor;

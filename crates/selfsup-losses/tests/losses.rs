@@ -56,6 +56,11 @@ fn eval(case: &Value, a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
             let n = labels.len();
             SupCon::new(p[0])?.loss(a, &Tensor::from_vec(labels, n, &Device::Cpu)?)
         }
+        "margin" => {
+            let same = tensor(&case["same"], dtype);
+            ContrastiveMargin::new(p[0])?.loss(a, b, &same)
+        }
+        "triplet" => TripletMargin::new(p[0])?.loss(a, b, &tensor(&case["negative"], dtype)),
         other => panic!("unknown loss {other}"),
     }
 }
@@ -196,6 +201,21 @@ fn bad_input_is_an_error_naming_what_is_wrong() {
         assert!(InfoNce::new(t).is_err() && SupCon::new(t).is_err());
     }
     assert!(BarlowTwins::new(-1.0).is_err() && Vicreg::new(1.0, f64::NAN, 1.0).is_err());
+    assert!(ContrastiveMargin::new(0.0).is_err() && TripletMargin::new(f64::NAN).is_err());
+    let (x, y) = (
+        Tensor::zeros((4, 3), DType::F32, &dev).unwrap(),
+        Tensor::zeros((4, 3), DType::F32, &dev).unwrap(),
+    );
+    let e = ContrastiveMargin::new(1.0)
+        .unwrap()
+        .loss(&x, &y, &Tensor::zeros(5, DType::F32, &dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("same"), "{e}");
+    assert!(TripletMargin::new(1.0)
+        .unwrap()
+        .loss(&x, &y, &Tensor::zeros((4, 2), DType::F32, &dev).unwrap())
+        .is_err());
     let one = Tensor::randn(0f32, 1., (1, 8), &dev).unwrap();
     let e = NtXent::new(0.5)
         .unwrap()

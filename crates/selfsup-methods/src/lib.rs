@@ -6,14 +6,55 @@
 //!
 //! Design choice: a method owns one `VarMap` holding everything it trains and every buffer, with
 //! the encoder's variables under the prefix [`ENCODER_PREFIX`] in torchvision's names, so that the
-//! encoder can be saved, loaded and evaluated alone.
+//! encoder can be saved, loaded and evaluated alone. Variables the optimiser must not touch
+//! are named so: BatchNorm buffers, momentum targets under [`TARGET_PREFIX`] (updated by EMA in
+//! `after_step`) and other state such as MoCo's queue under [`STATE_PREFIX`]. Because everything
+//! lives in the one `VarMap`, a checkpoint of it resumes any method exactly.
+//!
+//! | method | file | loss | extra |
+//! | --- | --- | --- | --- |
+//! | `simclr` | `simclr.rs` | NT-Xent | |
+//! | `moco` | `moco.rs` | InfoNCE with a queue | momentum encoder, FIFO queue |
+//! | `byol` | `byol.rs` | `2 - 2 cos` | momentum target, predictor |
+//! | `simsiam` | `simsiam.rs` | negative cosine | stop-gradient, predictor |
+//! | `barlow` | `barlow.rs` | Barlow Twins | |
+//! | `vicreg` | `vicreg.rs` | VICReg | |
+//! | `supcon` | `supcon.rs` | SupCon | uses labels |
+//! | `pairs` | `pairs.rs` | margin contrastive or triplet | [`PairSampler`] |
+//! | `rotation` | `rotation.rs` | cross-entropy over 4 rotations | a [`Pretext`] task |
+//! | `colorization` | `colorization.rs` | ab regression or binned cross-entropy | a [`Pretext`] task |
+//! | `A+B` | `hybrid.rs` | `A + w B` | any method plus a pretext task |
+//! | `supervised` | `supervised.rs` | cross-entropy | uses labels |
 #![warn(missing_docs)]
 
+mod barlow;
+mod byol;
+mod colorization;
+mod common;
+mod ema;
+mod hybrid;
+mod moco;
+mod pairs;
+mod rotation;
 mod simclr;
+mod simsiam;
+mod supcon;
 mod supervised;
+mod vicreg;
 
+pub use barlow::{Barlow, BarlowConfig};
+pub use byol::{Byol, ByolConfig};
+pub use colorization::{rgb_to_lab, ColorTarget, Colorization, ColorizationConfig};
+pub use ema::{ema_update, momentum_at, Momentum};
+pub use hybrid::{Hybrid, PretextBuilder, PretextMethod};
+pub use moco::{Moco, MocoConfig};
+pub use pairs::{PairLossKind, PairSampler, Pairs, PairsConfig, PairsMethod};
+pub use rotation::{rotate_batch, rotation_batch, Rotation};
 pub use simclr::{SimClr, SimClrConfig};
+pub use simsiam::{simsiam_loss, SimSiam, SimSiamConfig};
+pub use supcon::{SupConConfig, SupConMethod};
 pub use supervised::{Supervised, CLASSIFIER_PREFIX};
+pub use vicreg::{VicregConfig, VicregMethod};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -21,6 +62,22 @@ use selfsup_models::Encoder;
 
 /// Prefix of the encoder's variables in a method's `VarMap`.
 pub const ENCODER_PREFIX: &str = "encoder.";
+
+/// Prefix of momentum (EMA) copies: `target_encoder.`, `target_projection_head.`. Not trained
+/// by the optimiser.
+pub const TARGET_PREFIX: &str = "target_";
+
+/// Prefix of non-parameter state kept in the `VarMap` so that checkpoints hold it (MoCo's queue
+/// and its write position). Not trained by the optimiser.
+pub const STATE_PREFIX: &str = "state.";
+
+/// Whether the optimiser updates the variable `name`: not a BatchNorm buffer, not a momentum
+/// target, not state.
+pub fn is_trainable(name: &str) -> bool {
+    !selfsup_models::layers::is_buffer(name)
+        && !name.starts_with(TARGET_PREFIX)
+        && !name.starts_with(STATE_PREFIX)
+}
 
 /// Errors from building or running a method.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +133,7 @@ pub trait Method: Send + Sync {
             .lock()
             .unwrap()
             .keys()
-            .filter(|k| !selfsup_models::layers::is_buffer(k))
+            .filter(|k| is_trainable(k))
             .cloned()
             .collect();
         v.sort();
@@ -86,6 +143,32 @@ pub trait Method: Send + Sync {
     fn weight_decay(&self, name: &str, t: &Tensor) -> bool {
         !selfsup_models::layers::no_weight_decay(name, t)
     }
+}
+
+/// A pretext task (rotation, colorization): a loss on the views computed through an encoder it
+/// does not own, so that it can train an encoder alone ([`PretextMethod`]) or as an auxiliary
+/// loss beside another method ([`Hybrid`]). Its head lives in the method's `VarMap`.
+pub trait Pretext: Send + Sync {
+    /// Short name (`rotation`).
+    fn name(&self) -> &str;
+    /// The task's loss on `views` (each `(N, C, H, W)`, normalised), in train mode.
+    fn loss(&self, encoder: &dyn Encoder, views: &[Tensor]) -> Result<StepOutput>;
+}
+
+/// The two views of a batch, or an error naming the method.
+pub(crate) fn two_views<'a>(views: &'a [Tensor], what: &str) -> Result<(&'a Tensor, &'a Tensor)> {
+    match views {
+        [a, b] => Ok((a, b)),
+        _ => Err(Error::Config(format!(
+            "{what} needs 2 views per image, got {} (use a two-view augmentation such as simclr_cifar)",
+            views.len()
+        ))),
+    }
+}
+
+/// Scalar as f64 (for metrics).
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// The device and dtype a method is built on.

@@ -56,6 +56,26 @@ pub struct TrainConfig {
     pub proj_out: usize,
     /// Loss temperature.
     pub temperature: f64,
+    /// Predictor hidden width (BYOL, SimSiam).
+    pub pred_hidden: usize,
+    /// Momentum of the target network (MoCo, BYOL) at the start of the run.
+    pub momentum_tau: f64,
+    /// Cosine schedule of the target momentum from `momentum_tau` to 1 (BYOL).
+    pub momentum_cosine: bool,
+    /// MoCo's queue of negative keys.
+    pub queue_size: usize,
+    /// MoCo: symmetric loss over both views.
+    pub symmetric: bool,
+    /// Weight of the pretext task in a hybrid (`simclr+rotation`).
+    pub aux_weight: f64,
+    /// `pairs`: `margin` (Hadsell et al. 2006) or `triplet`.
+    pub pair_loss: String,
+    /// `pairs`: the margin.
+    pub margin: f64,
+    /// `pairs`: positives and negatives from labels (supervised) as well as augmentation.
+    pub pair_labels: bool,
+    /// `colorization`: `regression` (ab, MSE) or `bins` / `bins:Q` (cross-entropy).
+    pub color_target: String,
     /// Seed for weights, order and augmentations.
     pub seed: u64,
     /// Worker threads for data and compute (0: one per core).
@@ -102,6 +122,16 @@ impl Default for TrainConfig {
             proj_hidden: 512,
             proj_out: 128,
             temperature: 0.5,
+            pred_hidden: 512,
+            momentum_tau: 0.99,
+            momentum_cosine: false,
+            queue_size: 4096,
+            symmetric: false,
+            aux_weight: 0.5,
+            pair_loss: "margin".into(),
+            margin: 1.0,
+            pair_labels: false,
+            color_target: "regression".into(),
             seed: 0,
             threads: 0,
             device: "cpu".into(),
@@ -125,6 +155,43 @@ impl TrainConfig {
     /// As TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serialises")
+    }
+
+    /// Set the method-specific options (loss temperature, head widths, momentum, augmentation)
+    /// to `method`'s defaults, from its paper or lightly's CIFAR-10 benchmark (docs/methods.md).
+    /// The CLI applies them after the preset and before the config file and the flags. For a
+    /// hybrid `a+b` these are `a`'s, with `b`'s pretext defaults.
+    pub fn apply_method_defaults(&mut self, method: &str) {
+        let d = Self::default();
+        let (base, aux) = match method.split_once('+') {
+            Some((a, b)) => (a, Some(b)),
+            None => (method, None),
+        };
+        self.method = method.to_string();
+        self.temperature = d.temperature;
+        self.proj_hidden = d.proj_hidden;
+        self.proj_out = d.proj_out;
+        self.pred_hidden = d.pred_hidden;
+        self.momentum_tau = d.momentum_tau;
+        self.momentum_cosine = d.momentum_cosine;
+        self.queue_size = d.queue_size;
+        self.symmetric = d.symmetric;
+        self.augment = d.augment.clone();
+        match base {
+            "moco" => self.temperature = 0.1,
+            "supcon" => self.temperature = 0.1,
+            "byol" => {
+                (self.proj_hidden, self.proj_out, self.pred_hidden) = (1024, 256, 1024);
+                self.momentum_cosine = true;
+            }
+            "simsiam" => (self.proj_hidden, self.proj_out, self.pred_hidden) = (2048, 2048, 512),
+            "barlow" | "vicreg" => (self.proj_hidden, self.proj_out) = (2048, 2048),
+            "rotation" | "colorization" | "supervised" => self.augment = "crop_flip".into(),
+            _ => {}
+        }
+        if aux.is_some() {
+            self.aux_weight = d.aux_weight;
+        }
     }
 
     /// Check values that would fail later.
@@ -152,6 +219,24 @@ impl TrainConfig {
             return bad(format!(
                 "warmup_epochs must be >= 0, got {}",
                 self.warmup_epochs
+            ));
+        }
+        if !(self.momentum_tau.is_finite() && (0.0..=1.0).contains(&self.momentum_tau)) {
+            return bad(format!(
+                "momentum_tau must be in [0, 1], got {}",
+                self.momentum_tau
+            ));
+        }
+        if !(self.aux_weight.is_finite() && self.aux_weight >= 0.0) {
+            return bad(format!("aux_weight must be >= 0, got {}", self.aux_weight));
+        }
+        if !(self.margin.is_finite() && self.margin > 0.0) {
+            return bad(format!("margin must be positive, got {}", self.margin));
+        }
+        if self.method.starts_with("moco") && self.queue_size < self.batch_size {
+            return bad(format!(
+                "queue_size ({}) must hold at least one batch ({})",
+                self.queue_size, self.batch_size
             ));
         }
         if self.out.is_empty() {

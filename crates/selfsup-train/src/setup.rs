@@ -5,13 +5,62 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use selfsup_data::{preset_views, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset};
-use selfsup_methods::{Method, Placement, SimClr, SimClrConfig, Supervised};
+use selfsup_methods::{
+    Barlow, BarlowConfig, Byol, ByolConfig, Colorization, ColorizationConfig, Hybrid, Method, Moco,
+    MocoConfig, Momentum, PairsConfig, PairsMethod, Placement, Pretext, PretextBuilder,
+    PretextMethod, Rotation, SimClr, SimClrConfig, SimSiam, SimSiamConfig, SupConConfig,
+    SupConMethod, Supervised, VicregConfig, VicregMethod,
+};
 use selfsup_models::EncoderKind;
 
 use crate::{parse_device, Error, KnnMonitor, Result, TrainConfig, Trainer};
 
-/// Methods `selfsup train --method` accepts.
-pub const METHODS: &[&str] = &["simclr", "supervised"];
+/// Methods `selfsup train --method` accepts (besides hybrids `A+P`, `A` any of these but the
+/// pretext tasks and `P` one of [`PRETEXT_TASKS`]).
+pub const METHODS: &[&str] = &[
+    "simclr",
+    "moco",
+    "byol",
+    "simsiam",
+    "barlow",
+    "vicreg",
+    "supcon",
+    "pairs",
+    "rotation",
+    "colorization",
+    "supervised",
+];
+
+/// Pretext tasks, usable alone or as the auxiliary part of a hybrid.
+pub const PRETEXT_TASKS: &[&str] = &["rotation", "colorization"];
+
+/// Methods that train with labels.
+pub const LABELLED_METHODS: &[&str] = &["supcon", "supervised"];
+
+/// Whether `name` is a method or a hybrid `A+P` that [`build_method`] knows.
+pub fn check_method_name(name: &str) -> Result<()> {
+    let known = || {
+        format!(
+            "known: {}, or A+P with P one of {}",
+            METHODS.join(", "),
+            PRETEXT_TASKS.join(", ")
+        )
+    };
+    match name.split_once('+') {
+        None if METHODS.contains(&name) => Ok(()),
+        Some((a, p))
+            if METHODS.contains(&a)
+                && !PRETEXT_TASKS.contains(&a)
+                && PRETEXT_TASKS.contains(&p) =>
+        {
+            Ok(())
+        }
+        _ => Err(Error::Config(format!(
+            "unknown method {name:?} ({})",
+            known()
+        ))),
+    }
+}
 
 /// The data of a run.
 pub struct RunData {
@@ -23,35 +72,175 @@ pub struct RunData {
     pub normalize: Normalize,
 }
 
-/// Build the method named in `cfg`; `classes` is needed by `supervised` (which uses labels).
+fn momentum(cfg: &TrainConfig) -> Momentum {
+    Momentum {
+        base: cfg.momentum_tau,
+        cosine: cfg.momentum_cosine,
+    }
+}
+
+fn pretext(
+    name: &str,
+    cfg: &TrainConfig,
+    normalize: &Normalize,
+) -> Result<Box<PretextBuilder<'static>>> {
+    let hidden = cfg.proj_hidden;
+    match name {
+        "rotation" => Ok(Box::new(move |d, vb| {
+            Ok(Box::new(Rotation::new(d, hidden, vb)?) as Box<dyn Pretext>)
+        })),
+        "colorization" => {
+            let ccfg = ColorizationConfig {
+                hidden_dim: hidden,
+                grid: 8.min(cfg.image_size),
+                target: cfg
+                    .color_target
+                    .parse()
+                    .map_err(|e: selfsup_methods::Error| Error::Config(e.to_string()))?,
+                mean: normalize.mean,
+                std: normalize.std,
+            };
+            Ok(Box::new(move |d, vb| {
+                Ok(Box::new(Colorization::new(d, &ccfg, vb)?) as Box<dyn Pretext>)
+            }))
+        }
+        p => Err(Error::Config(format!("unknown pretext task {p:?}"))),
+    }
+}
+
+/// Build the method named in `cfg` (or a hybrid `A+P`); `classes` is needed by `supervised`
+/// (which uses labels), `normalize` by colorization (which maps views back to colours).
 pub fn build_method(
     cfg: &TrainConfig,
     classes: Option<usize>,
+    normalize: &Normalize,
     at: &Placement,
 ) -> Result<Box<dyn Method>> {
+    check_method_name(&cfg.method)?;
     let kind: EncoderKind = cfg
         .encoder
         .parse()
         .map_err(|e: selfsup_models::Error| Error::Config(e.to_string()))?;
-    match cfg.method.as_str() {
-        "simclr" => {
-            let mcfg = SimClrConfig {
-                hidden_dim: cfg.proj_hidden,
-                out_dim: cfg.proj_out,
+    let (base, aux) = match cfg.method.split_once('+') {
+        Some((a, p)) => (a, Some(p)),
+        None => (cfg.method.as_str(), None),
+    };
+    let (h, o, seed) = (cfg.proj_hidden, cfg.proj_out, cfg.seed);
+    let method: Box<dyn Method> = match base {
+        "simclr" => Box::new(SimClr::new(
+            &kind,
+            &SimClrConfig {
+                hidden_dim: h,
+                out_dim: o,
                 temperature: cfg.temperature,
-            };
-            Ok(Box::new(SimClr::new(&kind, &mcfg, cfg.seed, at)?))
-        }
+            },
+            seed,
+            at,
+        )?),
+        "moco" => Box::new(Moco::new(
+            &kind,
+            &MocoConfig {
+                hidden_dim: h,
+                out_dim: o,
+                temperature: cfg.temperature,
+                queue_size: cfg.queue_size,
+                momentum: momentum(cfg),
+                symmetric: cfg.symmetric,
+            },
+            seed,
+            at,
+        )?),
+        "byol" => Box::new(Byol::new(
+            &kind,
+            &ByolConfig {
+                hidden_dim: h,
+                out_dim: o,
+                pred_hidden: cfg.pred_hidden,
+                momentum: momentum(cfg),
+            },
+            seed,
+            at,
+        )?),
+        "simsiam" => Box::new(SimSiam::new(
+            &kind,
+            &SimSiamConfig {
+                hidden_dim: h,
+                out_dim: o,
+                pred_hidden: cfg.pred_hidden,
+            },
+            seed,
+            at,
+        )?),
+        "barlow" => Box::new(Barlow::new(
+            &kind,
+            &BarlowConfig {
+                hidden_dim: h,
+                out_dim: o,
+                ..Default::default()
+            },
+            seed,
+            at,
+        )?),
+        "vicreg" => Box::new(VicregMethod::new(
+            &kind,
+            &VicregConfig {
+                hidden_dim: h,
+                out_dim: o,
+                ..Default::default()
+            },
+            seed,
+            at,
+        )?),
+        "supcon" => Box::new(SupConMethod::new(
+            &kind,
+            &SupConConfig {
+                hidden_dim: h,
+                out_dim: o,
+                temperature: cfg.temperature,
+            },
+            seed,
+            at,
+        )?),
+        "pairs" => Box::new(PairsMethod::new(
+            &kind,
+            &PairsConfig {
+                hidden_dim: h,
+                out_dim: o,
+                loss: cfg
+                    .pair_loss
+                    .parse()
+                    .map_err(|e: selfsup_methods::Error| Error::Config(e.to_string()))?,
+                margin: cfg.margin,
+                use_labels: cfg.pair_labels,
+            },
+            seed,
+            at,
+        )?),
+        "rotation" | "colorization" => Box::new(PretextMethod::new(
+            &kind,
+            seed,
+            at,
+            &format!("{base}_head"),
+            pretext(base, cfg, normalize)?,
+        )?),
         "supervised" => {
             let classes = classes.filter(|&c| c > 0).ok_or_else(|| {
                 Error::Config("method supervised needs a labelled dataset".into())
             })?;
-            Ok(Box::new(Supervised::new(&kind, classes, cfg.seed, at)?))
+            Box::new(Supervised::new(&kind, classes, seed, at)?)
         }
-        m => Err(Error::Config(format!(
-            "unknown method {m:?} (known: {})",
-            METHODS.join(", ")
-        ))),
+        m => return Err(Error::Config(format!("unknown method {m:?}"))),
+    };
+    match aux {
+        None => Ok(method),
+        Some(p) => Ok(Box::new(Hybrid::new(
+            method,
+            cfg.aux_weight,
+            seed ^ 0x5eed_a0c5,
+            at,
+            &format!("{p}_head"),
+            pretext(p, cfg, normalize)?,
+        )?)),
     }
 }
 
@@ -89,7 +278,16 @@ pub fn build_trainer(cfg: &TrainConfig, data: RunData) -> Result<Trainer> {
         .labels
         .as_ref()
         .map(|_| data.train.class_names.len());
-    let method = build_method(cfg, classes, &at)?;
+    let base = cfg.method.split('+').next().unwrap_or_default();
+    if (LABELLED_METHODS.contains(&base) || (base == "pairs" && cfg.pair_labels))
+        && data.train.labels.is_none()
+    {
+        return Err(Error::Config(format!(
+            "method {} uses labels, and the training data has none",
+            cfg.method
+        )));
+    }
+    let method = build_method(cfg, classes, &data.normalize, &at)?;
     build_trainer_with(cfg, data, method)
 }
 

@@ -96,6 +96,10 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// The collapse guard warns when [`embedding_std`] falls below this fraction of `1/sqrt(D)`
+/// (the value for embeddings spread evenly over the sphere).
+pub const COLLAPSE_FRACTION: f64 = 0.1;
+
 /// Mean over dimensions of the per-dimension standard deviation of L2-normalised embeddings:
 /// about `1/sqrt(D)` when embeddings spread over the sphere, 0 when they collapse to a point.
 pub fn embedding_std(z: &Tensor) -> Result<f64> {
@@ -289,6 +293,7 @@ impl Trainer {
         );
         pb.set_position(self.step);
         let interactive = !pb.is_hidden();
+        let mut warned_collapse = false;
         while self.epoch < end {
             let epoch = self.epoch;
             pb.set_prefix(format!("epoch {}/{}", epoch + 1, self.cfg.epochs));
@@ -342,11 +347,24 @@ impl Trainer {
                 n_batches += 1;
                 let dt = t_step.elapsed().as_secs_f64() + w;
                 if self.step % self.cfg.log_every.max(1) as u64 == 0 || n_batches == 1 {
-                    let line = serde_json::json!({
+                    let std = embedding_std(&out.embeddings)?;
+                    let mut line = serde_json::json!({
                         "kind": "step", "step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
                         "images_per_s": n as f64 / dt, "data_wait": w / dt,
-                        "embed_std": embedding_std(&out.embeddings)?,
+                        "embed_std": std,
                     });
+                    for (k, v) in &out.metrics {
+                        line[k.as_str()] = serde_json::json!(v);
+                    }
+                    let d = out.embeddings.dim(D::Minus1)?.max(1) as f64;
+                    if std < COLLAPSE_FRACTION / d.sqrt() && !warned_collapse {
+                        warned_collapse = true;
+                        tracing::warn!(
+                            "step {}: embedding std {std:.2e} is below {COLLAPSE_FRACTION}/sqrt(D) = {:.2e}: the embeddings are collapsing to a point",
+                            self.step,
+                            COLLAPSE_FRACTION / d.sqrt()
+                        );
+                    }
                     writeln!(metrics, "{line}").map_err(|source| Error::Io {
                         path: metrics_path.clone(),
                         source,

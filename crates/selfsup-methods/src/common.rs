@@ -1,0 +1,59 @@
+//! An encoder and one head in a fresh `VarMap`: the body of every method whose loss compares
+//! the projections of two views (SimCLR-like: Barlow Twins, VICReg, SupCon, pairs).
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use selfsup_models::heads::HeadBlock;
+use selfsup_models::{build_encoder, seeded_var_builder, Encoder, EncoderKind, Head};
+
+use crate::{Placement, Result};
+
+pub(crate) struct EncoderHead {
+    pub varmap: VarMap,
+    pub encoder: Box<dyn Encoder>,
+    pub head: Head,
+}
+
+impl EncoderHead {
+    /// `head` maps the encoder's feature dimension to the projection.
+    pub fn new(
+        kind: &EncoderKind,
+        head: impl FnOnce(usize) -> Vec<HeadBlock>,
+        seed: u64,
+        at: &Placement,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, at.dtype, &at.device);
+        let encoder = build_encoder(kind, vb.pp("encoder"))?;
+        let head = Head::new(&head(encoder.feature_dim()), vb.pp("projection_head"))?;
+        Ok(Self {
+            varmap,
+            encoder,
+            head,
+        })
+    }
+
+    /// Projections of both views, computed as one batch of `2N` (BatchNorm sees both views).
+    pub fn project_pair(&self, v0: &Tensor, v1: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = v0.dim(0)?;
+        let x = Tensor::cat(&[v0, v1], 0)?;
+        let z = self
+            .head
+            .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
+        Ok((z.narrow(0, 0, n)?, z.narrow(0, n, n)?))
+    }
+}
+
+/// Implement the `Method` accessors for a struct with an `inner: EncoderHead` field.
+macro_rules! encoder_head_accessors {
+    () => {
+        fn encoder(&self) -> &dyn selfsup_models::Encoder {
+            self.inner.encoder.as_ref()
+        }
+
+        fn varmap(&self) -> &candle_nn::VarMap {
+            &self.inner.varmap
+        }
+    };
+}
+pub(crate) use encoder_head_accessors;
