@@ -22,6 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod lowlabel;
 mod neighbors;
+mod plot;
 mod presets;
 
 #[derive(Parser)]
@@ -48,6 +49,16 @@ enum Cmd {
     Embed(EmbedArgs),
     /// A PNG of a query image and its nearest neighbours in the CIFAR-10 training set.
     Neighbors(NeighborsArgs),
+    /// Draw a run's loss, kNN accuracy and embedding spread over time as a PNG
+    /// (several runs: one colour each).
+    Plot {
+        /// Run folders (or metrics.jsonl files).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output PNG (default: RUN/metrics.png for a single run).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Options of `selfsup train`. Each one also lives in the TOML config (same name, `_` for `-`);
@@ -784,6 +795,9 @@ fn main() -> ExitCode {
         Cmd::Eval { what } => eval(what),
         Cmd::Embed(a) => embed(a),
         Cmd::Neighbors(a) => neighbors_cmd(a),
+        Cmd::Plot { runs, out } => plot::plot(runs, out.as_deref()).map(|p| {
+            println!("{}", p.display());
+        }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,6 +69,24 @@ fn train_resume_embed_and_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("done: 2 epochs"));
+    // The curves as a picture; a half-written last line (a killed run) is skipped.
+    let mut m = std::fs::OpenOptions::new()
+        .append(true)
+        .open(run.join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut m, b"{\"kind\":\"step\",\"st").unwrap();
+    drop(m);
+    let out = selfsup()
+        .args(["plot", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = image::open(run.join("metrics.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1500, 420));
     // Embeddings of the folder.
     let emb = d.path().join("emb.safetensors");
     let out = selfsup()
@@ -96,6 +114,18 @@ fn train_resume_embed_and_errors() {
         vec!["train", "--method", "nope", "--print-config"],
         vec!["train", "--encoder", "resnet7", "--print-config"],
         vec!["eval", "knn", "--checkpoint", "/nonexistent/run"],
+        vec!["plot", "/nonexistent/run"],
+        vec!["train", "--method", "rotation+simclr", "--print-config"],
+        vec![
+            "train",
+            "--method",
+            "moco",
+            "--pair-loss",
+            "x",
+            "--batch-size",
+            "8192",
+            "--print-config",
+        ],
     ] {
         let out = selfsup().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -123,6 +153,80 @@ fn train_resume_embed_and_errors() {
         String::from_utf8_lossy(&out.stderr).contains("another architecture"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn methods_bring_their_defaults_and_flags_override_them() {
+    let cfg = |args: &[&str]| {
+        let out = selfsup()
+            .args(["train", "--preset", "cifar10-cpu", "--print-config"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let byol = cfg(&["--method", "byol"]);
+    assert!(byol.contains("momentum_cosine = true") && byol.contains("proj_out = 256"));
+    let moco = cfg(&["--method", "moco"]);
+    assert!(moco.contains("temperature = 0.1") && moco.contains("queue_size = 4096"));
+    let moco = cfg(&["--method", "moco", "--temperature", "0.3"]);
+    assert!(moco.contains("temperature = 0.3"));
+    let hybrid = cfg(&["--method", "simclr+rotation", "--aux-weight", "0.25"]);
+    assert!(hybrid.contains("aux_weight = 0.25") && hybrid.contains("temperature = 0.5"));
+    let rot = cfg(&["--method", "rotation"]);
+    assert!(rot.contains("augment = \"crop_flip\""));
+    // The preset's schedule stays.
+    assert!(rot.contains("epochs = 10") && rot.contains("lr = 0.12"));
+}
+
+#[test]
+fn a_hybrid_trains_from_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    write_folder(&imgs);
+    let run = d.path().join("run");
+    let cfg = d.path().join("small.toml");
+    std::fs::write(&cfg, "image_size = 16\nlog_every = 1\n").unwrap();
+    let out = selfsup()
+        .args([
+            "train",
+            "--method",
+            "simclr+rotation",
+            "--aux-weight",
+            "0.5",
+            "--dataset",
+            &format!("folder:{}", imgs.display()),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--threads",
+            "2",
+            "--proj-hidden",
+            "32",
+            "--proj-out",
+            "16",
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(
+        m.contains("\"aux_loss\"") && m.contains("\"rot_acc\""),
+        "{m}"
     );
 }
 
