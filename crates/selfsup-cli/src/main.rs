@@ -201,6 +201,9 @@ enum EvalCmd {
         /// AdamW learning rate.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
+        /// Also report kNN (k = 200, T = 0.1) on the same features (one extraction for both).
+        #[arg(long)]
+        knn: bool,
     },
     /// Low-label protocol: with 1% and 10% of the labels (balanced, seeded), a linear probe and
     /// fine-tuning of the pretrained encoder beside the same supervised training from scratch.
@@ -647,8 +650,28 @@ fn eval(e: &EvalCmd) -> Result<()> {
                 100.0 * t5
             );
         }
-        EvalCmd::Linear { ck, epochs, lr } => {
+        EvalCmd::Linear {
+            ck,
+            epochs,
+            lr,
+            knn: with_knn,
+        } => {
             let (tr, te) = cifar_features(ck)?;
+            if *with_knn {
+                let (t1, t5) = knn(
+                    &tr.x,
+                    tr.labels.as_ref().unwrap(),
+                    &te.x,
+                    te.labels.as_ref().unwrap(),
+                    10,
+                    KnnConfig::default(),
+                )?;
+                println!(
+                    "kNN (k=200, T=0.1) on CIFAR-10 test: top-1 {:.2}%, top-5 {:.2}%",
+                    100.0 * t1,
+                    100.0 * t5
+                );
+            }
             let r = linear_probe(
                 &tr.x,
                 tr.labels.as_ref().unwrap(),

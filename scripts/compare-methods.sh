@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train every method with the same encoder and budget on CIFAR-10, then score each frozen
+# encoder (kNN k=200 T=0.1 and a linear probe on the full train/test sets). Prints a Markdown
+# table (docs/methods.md holds the measured one).
+#
+#   cargo build --release -p selfsup-cli
+#   EPOCHS=1 SUBSET=10000 scripts/compare-methods.sh [METHOD ...]
+#
+# EPOCHS / SUBSET: the budget (default: 1 epoch over the first 10,000 training images; the
+# cifar10-cpu preset's full budget is EPOCHS=10 SUBSET=0). Runs go to runs/methods-<budget>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${SELFSUP_BIN:-target/release/selfsup}
+EPOCHS=${EPOCHS:-1}
+SUBSET=${SUBSET:-10000}
+WARMUP=${WARMUP:-0.1}
+ROOT=runs/methods-e${EPOCHS}-n${SUBSET}
+METHODS=("$@")
+if [ ${#METHODS[@]} -eq 0 ]; then
+  METHODS=(simclr moco byol simsiam barlow vicreg supcon pairs rotation colorization simclr+rotation)
+fi
+mkdir -p "$ROOT"
+echo "| method | kNN top-1 | linear top-1 | train wall (s) | images/s | final loss |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for m in "${METHODS[@]}"; do
+  out="$ROOT/${m/+/-}"
+  if [ ! -f "$out/checkpoint/encoder.safetensors" ]; then
+    rm -rf "$out"
+    "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
+      --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" > "$out.log" 2>&1
+  fi
+  "$BIN" eval linear --knn --checkpoint "$out" --threads 2 > "$out.eval" 2>> "$out.log"
+  knn=$(grep -o 'kNN.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
+  lin=$(grep -o 'linear probe.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
+  read -r wall ips loss < <(python3 - "$out/metrics.jsonl" <<'PY'
+import json, sys
+ep = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"epoch"' in l]
+wall = sum(e["wall_s"] for e in ep)
+imgs = sum(e["wall_s"] * e["images_per_s"] for e in ep)
+print(f"{wall:.0f} {imgs / wall:.0f} {ep[-1]['loss']:.4f}")
+PY
+)
+  echo "| $m | $knn | $lin | $wall | $ips | $loss |"
+done
