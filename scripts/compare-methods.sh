@@ -24,11 +24,11 @@ echo "| method | kNN top-1 | linear top-1 | train wall (s) | images/s | final lo
 echo "| --- | --- | --- | --- | --- | --- |"
 for m in "${METHODS[@]}"; do
   out="$ROOT/${m/+/-}"
-  if [ ! -f "$out/checkpoint/encoder.safetensors" ]; then
-    rm -rf "$out"
-    "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
-      --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" > "$out.log" 2>&1
-  fi
+  # A stopped run continues from its last epoch; a finished one returns at once.
+  resume=()
+  if [ -d "$out/checkpoint" ]; then resume=(--resume); else rm -rf "$out"; fi
+  "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
+    --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" "${resume[@]}" >> "$out.log" 2>&1
   "$BIN" eval linear --knn --checkpoint "$out" --threads 2 > "$out.eval" 2>> "$out.log"
   knn=$(grep -o 'kNN.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
   lin=$(grep -o 'linear probe.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
