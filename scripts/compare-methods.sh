@@ -6,6 +6,7 @@
 #   cargo build --release -p selfsup-cli
 #   EPOCHS=1 SUBSET=10000 scripts/compare-methods.sh [METHOD ...]
 #
+# LR: override the preset's learning rate (runs go to a folder named after it).
 # EPOCHS / SUBSET: the budget (default: 1 epoch over the first 10,000 training images; the
 # cifar10-cpu preset's full budget is EPOCHS=10 SUBSET=0). Runs go to runs/methods-<budget>/.
 set -euo pipefail
@@ -14,7 +15,10 @@ BIN=${SELFSUP_BIN:-target/release/selfsup}
 EPOCHS=${EPOCHS:-1}
 SUBSET=${SUBSET:-10000}
 WARMUP=${WARMUP:-0.1}
-ROOT=runs/methods-e${EPOCHS}-n${SUBSET}
+LR=${LR:-}
+ROOT=runs/methods-e${EPOCHS}-n${SUBSET}${LR:+-lr$LR}
+lr=()
+if [ -n "$LR" ]; then lr=(--lr "$LR"); fi
 METHODS=("$@")
 if [ ${#METHODS[@]} -eq 0 ]; then
   METHODS=(simclr moco byol simsiam barlow vicreg supcon pairs rotation colorization simclr+rotation)
@@ -27,8 +31,13 @@ for m in "${METHODS[@]}"; do
   # A stopped run continues from its last epoch; a finished one returns at once.
   resume=()
   if [ -d "$out/checkpoint" ]; then resume=(--resume); else rm -rf "$out"; fi
-  "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
-    --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" "${resume[@]}" >> "$out.log" 2>&1
+  if ! "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
+    --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" "${resume[@]}" "${lr[@]}" \
+    >> "$out.log" 2>&1; then
+    # A diverged run (NaN loss) or another failure: say so in the table and go on.
+    echo "| $m | failed: $(tail -1 "$out.log" | sed 's/^error: //') | | | | |"
+    continue
+  fi
   "$BIN" eval linear --knn --checkpoint "$out" --threads 2 > "$out.eval" 2>> "$out.log"
   knn=$(grep -o 'kNN.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
   lin=$(grep -o 'linear probe.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
