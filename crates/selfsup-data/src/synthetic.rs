@@ -13,8 +13,42 @@ use crate::InMemory;
 
 const NOISE: f32 = 60.0;
 
+/// How [`stripes_styled`] draws its images.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StripesStyle {
+    /// Range of each background channel (0-255).
+    pub background: (f32, f32),
+    /// Range of the stripes' amplitude (grey levels).
+    pub amplitude: (f32, f32),
+    /// Uniform pixel noise in `[-noise, noise]`.
+    pub noise: f32,
+}
+
+impl Default for StripesStyle {
+    /// The style of [`stripes`]: grey-ish backgrounds, strong stripes, strong pixel noise.
+    fn default() -> Self {
+        Self {
+            background: (110.0, 146.0),
+            amplitude: (25.0, 45.0),
+            noise: NOISE,
+        }
+    }
+}
+
 /// `n` images of side `size` in `classes` classes (labels cycle `0, 1, ..`), from `seed`.
 pub fn stripes(n: usize, size: usize, classes: usize, seed: u64) -> InMemory {
+    stripes_styled(n, size, classes, seed, StripesStyle::default())
+}
+
+/// [`stripes`] with another [`StripesStyle`]: for example backgrounds over the whole colour
+/// range and faint stripes, where colour dominates a random encoder's features.
+pub fn stripes_styled(
+    n: usize,
+    size: usize,
+    classes: usize,
+    seed: u64,
+    style: StripesStyle,
+) -> InMemory {
     let classes = classes.clamp(2, 8);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let plane = size * size;
@@ -27,9 +61,10 @@ pub fn stripes(n: usize, size: usize, classes: usize, seed: u64) -> InMemory {
         let (s, co) = angle.sin_cos();
         let freq = rng.random_range(0.5f32..0.9);
         let phase = rng.random_range(0.0f32..std::f32::consts::TAU);
-        let bg: [f32; 3] = std::array::from_fn(|_| rng.random_range(110.0f32..146.0));
-        let amp = rng.random_range(25.0f32..45.0);
-        let noise = NOISE;
+        let bg: [f32; 3] =
+            std::array::from_fn(|_| rng.random_range(style.background.0..style.background.1));
+        let amp = rng.random_range(style.amplitude.0..style.amplitude.1);
+        let noise = style.noise;
         let img = &mut pixels[i * 3 * plane..(i + 1) * 3 * plane];
         for y in 0..size {
             for x in 0..size {
