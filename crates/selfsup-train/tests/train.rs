@@ -69,7 +69,7 @@ fn simclr_lowers_the_loss_and_keeps_classes_apart() {
     // On this easy task a randomly initialised small-cnn already separates the two orientations
     // (printed above for reference); what a short run must show is that training keeps the
     // classes apart (well above the 50% chance level) while the loss falls, with no collapse.
-    // The comparison with a random encoder is made on CIFAR-10 (docs/results.md).
+    // The comparison with a random encoder is the next test (colour as the nuisance).
     assert!(
         trained > 0.7,
         "kNN top-1 {trained} after training is near chance (0.5)"
