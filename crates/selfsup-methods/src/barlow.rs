@@ -4,12 +4,12 @@
 //! 2048-2048-2048 in its CIFAR-10 benchmark).
 
 use candle_core::Tensor;
-use selfsup_losses::{BarlowTwins, PairLoss};
+use selfsup_losses::BarlowTwins;
 use selfsup_models::heads::expander;
 use selfsup_models::EncoderKind;
 
 use crate::common::{encoder_head_accessors, EncoderHead};
-use crate::{two_views, Method, Placement, Result, StepOutput};
+use crate::{Method, Placement, Result, StepOutput};
 
 /// Barlow Twins hyper-parameters.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -55,13 +55,7 @@ impl Method for Barlow {
     }
 
     fn forward_loss(&self, views: &[Tensor], _labels: Option<&Tensor>) -> Result<StepOutput> {
-        let (v0, v1) = two_views(views, "Barlow Twins")?;
-        let (z0, z1) = self.inner.project_pair(v0, v1)?;
-        Ok(StepOutput {
-            loss: self.loss.loss(&z0, &z1)?,
-            metrics: vec![],
-            embeddings: z0.detach(),
-        })
+        self.inner.pair_loss_step(views, "Barlow Twins", &self.loss)
     }
 
     encoder_head_accessors!();

@@ -1,12 +1,14 @@
 //! An encoder and one head in a fresh `VarMap`: the body of every method whose loss compares
-//! the projections of two views (SimCLR-like: Barlow Twins, VICReg, SupCon, pairs).
+//! the projections of two views (SimCLR, Barlow Twins, VICReg, SupCon, pairs).
 
 use candle_core::Tensor;
 use candle_nn::VarMap;
 use selfsup_models::heads::HeadBlock;
 use selfsup_models::{build_encoder, seeded_var_builder, Encoder, EncoderKind, Head};
 
-use crate::{Placement, Result};
+use selfsup_losses::PairLoss;
+
+use crate::{two_views, Placement, Result, StepOutput};
 
 pub(crate) struct EncoderHead {
     pub varmap: VarMap,
@@ -41,6 +43,25 @@ impl EncoderHead {
             .head
             .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
         Ok((z.narrow(0, 0, n)?, z.narrow(0, n, n)?))
+    }
+}
+
+impl EncoderHead {
+    /// The step of a method whose loss compares the two views' projections (`what` names the
+    /// method in errors).
+    pub fn pair_loss_step(
+        &self,
+        views: &[Tensor],
+        what: &str,
+        loss: &dyn PairLoss,
+    ) -> Result<StepOutput> {
+        let (v0, v1) = two_views(views, what)?;
+        let (z0, z1) = self.project_pair(v0, v1)?;
+        Ok(StepOutput {
+            loss: loss.loss(&z0, &z1)?,
+            metrics: vec![],
+            embeddings: z0.detach(),
+        })
     }
 }
 

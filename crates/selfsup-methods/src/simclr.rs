@@ -2,12 +2,12 @@
 //! the projections of two views.
 
 use candle_core::Tensor;
-use candle_nn::VarMap;
-use selfsup_losses::{NtXent, PairLoss};
+use selfsup_losses::NtXent;
 use selfsup_models::heads::simclr_projection;
-use selfsup_models::{build_encoder, seeded_var_builder, Encoder, EncoderKind, Head};
+use selfsup_models::EncoderKind;
 
-use crate::{Error, Method, Placement, Result, StepOutput};
+use crate::common::{encoder_head_accessors, EncoderHead};
+use crate::{Method, Placement, Result, StepOutput};
 
 /// SimCLR hyper-parameters.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -32,27 +32,16 @@ impl Default for SimClrConfig {
 
 /// SimCLR.
 pub struct SimClr {
-    varmap: VarMap,
-    encoder: Box<dyn Encoder>,
-    head: Head,
+    inner: EncoderHead,
     loss: NtXent,
 }
 
 impl SimClr {
     /// Build with fresh weights drawn from `seed`.
     pub fn new(kind: &EncoderKind, cfg: &SimClrConfig, seed: u64, at: &Placement) -> Result<Self> {
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, seed, at.dtype, &at.device);
-        let encoder = build_encoder(kind, vb.pp("encoder"))?;
-        let d = encoder.feature_dim();
-        let head = Head::new(
-            &simclr_projection(d, cfg.hidden_dim, cfg.out_dim),
-            vb.pp("projection_head"),
-        )?;
+        let (h, o) = (cfg.hidden_dim, cfg.out_dim);
         Ok(Self {
-            varmap,
-            encoder,
-            head,
+            inner: EncoderHead::new(kind, |d| simclr_projection(d, h, o), seed, at)?,
             loss: NtXent::new(cfg.temperature)?,
         })
     }
@@ -63,33 +52,11 @@ impl Method for SimClr {
         "simclr"
     }
 
+    /// Both views go through the encoder in one batch (BatchNorm sees 2N samples, as lightly's
+    /// benchmark does when it concatenates the views).
     fn forward_loss(&self, views: &[Tensor], _labels: Option<&Tensor>) -> Result<StepOutput> {
-        if views.len() != 2 {
-            return Err(Error::Config(format!(
-                "SimCLR needs 2 views per image, got {}",
-                views.len()
-            )));
-        }
-        // Both views through the encoder in one batch (BatchNorm sees 2N samples, as lightly's
-        // benchmark does when it concatenates the views).
-        let n = views[0].dim(0)?;
-        let x = Tensor::cat(&[&views[0], &views[1]], 0)?;
-        let h = self.encoder.forward_t(&x, true)?;
-        let z = self.head.forward_t(&h, true)?;
-        let (z0, z1) = (z.narrow(0, 0, n)?, z.narrow(0, n, n)?);
-        let loss = self.loss.loss(&z0, &z1)?;
-        Ok(StepOutput {
-            loss,
-            metrics: vec![],
-            embeddings: z0.detach(),
-        })
+        self.inner.pair_loss_step(views, "SimCLR", &self.loss)
     }
 
-    fn encoder(&self) -> &dyn Encoder {
-        self.encoder.as_ref()
-    }
-
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
-    }
+    encoder_head_accessors!();
 }

@@ -4,12 +4,12 @@
 //! Projector: three linear layers, BN + ReLU between (2048-2048-2048 for CIFAR-10).
 
 use candle_core::Tensor;
-use selfsup_losses::{PairLoss, Vicreg};
+use selfsup_losses::Vicreg;
 use selfsup_models::heads::expander;
 use selfsup_models::EncoderKind;
 
 use crate::common::{encoder_head_accessors, EncoderHead};
-use crate::{two_views, Method, Placement, Result, StepOutput};
+use crate::{Method, Placement, Result, StepOutput};
 
 /// VICReg hyper-parameters.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -56,13 +56,7 @@ impl Method for VicregMethod {
     }
 
     fn forward_loss(&self, views: &[Tensor], _labels: Option<&Tensor>) -> Result<StepOutput> {
-        let (v0, v1) = two_views(views, "VICReg")?;
-        let (z0, z1) = self.inner.project_pair(v0, v1)?;
-        Ok(StepOutput {
-            loss: self.loss.loss(&z0, &z1)?,
-            metrics: vec![],
-            embeddings: z0.detach(),
-        })
+        self.inner.pair_loss_step(views, "VICReg", &self.loss)
     }
 
     encoder_head_accessors!();
