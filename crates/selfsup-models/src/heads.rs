@@ -75,12 +75,11 @@ impl Head {
         let mut y = x.clone();
         for (lin, bn, relu) in &self.blocks {
             y = lin.forward(&y)?;
-            if let Some(bn) = bn {
-                y = bn.forward_t(&y, train)?;
-            }
-            if *relu {
-                y = y.relu()?;
-            }
+            y = match bn {
+                Some(bn) => bn.forward_act(&y, train, *relu)?,
+                None if *relu => y.relu()?,
+                None => y,
+            };
         }
         Ok(y)
     }

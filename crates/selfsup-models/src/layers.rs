@@ -193,6 +193,30 @@ impl BatchNorm {
 
     /// Normalise; `train` selects batch or running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// Normalise, then (with `relu`) rectify: `relu(bn(x))` as one fused op on the CPU in
+    /// training mode (selfsup-ops), composed elsewhere.
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let y = self.normalise(x, train, relu)?;
+        Ok(if relu && !self.fused(x, train) {
+            y.relu()?
+        } else {
+            y
+        })
+    }
+
+    fn fused(&self, x: &Tensor, train: bool) -> bool {
+        train
+            && x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && self.weight.is_some()
+            && self.bias.is_some()
+    }
+
+    /// BatchNorm; the fused path also applies the ReLU when `relu`.
+    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = self.running_mean.dim(0)?;
         if x.rank() < 2 || x.dim(1)? != c {
             return Err(crate::Error::Config(format!(
@@ -201,12 +225,7 @@ impl BatchNorm {
             )));
         }
         let shape = self.stat_shape(x);
-        if let (true, true, Some(w), Some(b)) = (
-            train,
-            x.device().is_cpu() && x.dtype() == candle_core::DType::F32,
-            &self.weight,
-            &self.bias,
-        ) {
+        if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
             // Fused CPU kernel (selfsup-ops): one pass for the statistics, one for the output,
             // closed-form backward.
             let n = x.elem_count() / c;
@@ -216,9 +235,9 @@ impl BatchNorm {
                     x.shape()
                 )));
             }
-            let st = selfsup_ops::channel_stats(x)?;
-            self.update_running(&st.get(0)?, &st.get(1)?, n)?;
-            return Ok(selfsup_ops::batch_norm_train(x, w, b, self.eps)?);
+            let out = selfsup_ops::batch_norm_train(x, w, b, self.eps, relu)?;
+            self.update_running(&out.mean, &out.var, n)?;
+            return Ok(out.y);
         }
         let (mean, var) = if train {
             let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
@@ -283,10 +302,15 @@ impl BatchNorm {
 /// Max pooling with a square window, stride and (negative-infinity) padding, with a
 /// gradient for every configuration.
 ///
-/// candle 0.11's `max_pool2d` has a backward pass only when kernel == stride and no padding;
-/// other configurations (the ImageNet stem's 3x3 / stride 2 / padding 1) are computed here as
+/// On the CPU in f32 this is selfsup-ops' kernel (ties: the gradient goes to the first maximum,
+/// as in PyTorch). Elsewhere: candle 0.11's `max_pool2d` has a backward pass only when kernel ==
+/// stride and no padding; other configurations (the ImageNet stem's 3x3 / stride 2 / padding 1) are computed here as
 /// the maximum of `k * k` strided views of the padded input, which candle differentiates.
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && 2 * padding <= k {
+        // One op with an explicit backward (selfsup-ops).
+        return Ok(selfsup_ops::max_pool2d(x, k, stride, padding)?);
+    }
     if k == stride && padding == 0 {
         return Ok(x.max_pool2d(k)?);
     }

@@ -52,10 +52,7 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward_t(&c.forward(&y)?, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            y = bn.forward_act(&c.forward(&y)?, train, i < last)?;
         }
         let id = match &self.downsample {
             Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
@@ -152,7 +149,7 @@ impl ResNet {
 
 impl Encoder for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         if self.stem == Stem::Imagenet {
             y = max_pool2d(&y, 3, 2, 1)?;
         }

@@ -38,7 +38,7 @@ impl Encoder for SmallCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
-            x = bn.forward_t(&conv.forward(&x)?, train)?.relu()?;
+            x = bn.forward_act(&conv.forward(&x)?, train, true)?;
             if i < 3 {
                 x = max_pool2d(&x, 2, 2, 0)?;
             }

@@ -4,9 +4,14 @@
 //! `y = (x - mean) / sqrt(var + eps) * weight + bias`, in two passes, parallel over channels.
 //! Backward (closed form, same passes): with `xh = (x - mean) * istd`,
 //! `db = sum dy`, `dw = sum dy xh`, `dx = weight istd / m (m dy - db - xh dw)`.
+//! With `relu`, the output is `max(0, y)` and the backward masks `dy` with `y > 0` first (the
+//! saved output is the mask), which removes the ReLU's own op and its five-op candle backward.
+//! The statistics are computed once per forward and reused by the backward.
 //! This replaces about six full-size candle ops (and their saved copies) per BatchNorm.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Raw output pointer shared by the per-channel tasks; each task writes only its own channel.
@@ -73,19 +78,23 @@ impl CustomOp1 for Stats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = dims(l)?;
         let st = stats(f32s(s, l)?, n, c, hw);
-        let mut out: Vec<f32> = st.iter().map(|p| p.0 as f32).collect();
-        out.extend(st.iter().map(|p| p.1 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        let mut out: Vec<f64> = st.iter().map(|p| p.0).collect();
+        out.extend(st.iter().map(|p| p.1));
+        Ok((CpuStorage::F64(out), Shape::from((2, c))))
     }
 }
 
-/// `(2, C)`: batch mean (row 0) and biased variance (row 1) per channel, without gradient.
+/// `(2, C)`: batch mean (row 0) and biased variance (row 1) per channel, without gradient,
+/// in `f64` (accumulated in `f64`).
 pub fn channel_stats(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Stats)
 }
 
 struct BnTrain {
     eps: f64,
+    relu: bool,
+    /// Per-channel `(mean, biased var)` of the input, shared with the backward.
+    stats: Arc<Vec<(f64, f64)>>,
 }
 
 impl CustomOp3 for BnTrain {
@@ -105,9 +114,10 @@ impl CustomOp3 for BnTrain {
         let x = f32s(s1, l1)?;
         let w = f32s(s2, l2)?;
         let b = f32s(s3, l3)?;
-        let st = stats(x, n, c, hw);
+        let st = &self.stats;
         let mut y = vec![0f32; x.len()];
         let out = Out(y.as_mut_ptr());
+        let relu = self.relu;
         (0..c).into_par_iter().for_each(|ch| {
             let (mean, var) = st[ch];
             let istd = 1.0 / (var + self.eps).sqrt();
@@ -115,9 +125,17 @@ impl CustomOp3 for BnTrain {
             let shift = (b[ch] as f64 - mean * w[ch] as f64 * istd) as f32;
             for i in 0..n {
                 let off = (i * c + ch) * hw;
-                for j in 0..hw {
-                    // SAFETY: channel `ch` owns the indices (i * c + ch) * hw + j; tasks are disjoint.
-                    unsafe { *out.at(off + j) = x[off + j] * scale + shift };
+                // SAFETY: channel `ch` owns the indices (i * c + ch) * hw + j; tasks are disjoint.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(off), hw) };
+                let src = &x[off..off + hw];
+                if relu {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = (v * scale + shift).max(0.0);
+                    }
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v * scale + shift;
+                    }
                 }
             }
         });
@@ -128,12 +146,18 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = w.dim(0)?;
         let numel = x.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &BnGrad { eps: self.eps })?;
+        let grad = BnGrad {
+            eps: self.eps,
+            relu: self.relu,
+            stats: self.stats.clone(),
+            weight: w.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        };
+        let packed = x.apply_op3_no_bwd(&dy.contiguous()?, res, &grad)?;
         let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
         let dw = packed.narrow(0, numel, c)?;
         let db = packed.narrow(0, numel + c, c)?;
@@ -143,12 +167,16 @@ impl CustomOp3 for BnTrain {
 
 struct BnGrad {
     eps: f64,
+    relu: bool,
+    stats: Arc<Vec<(f64, f64)>>,
+    weight: Vec<f32>,
 }
 
 impl CustomOp3 for BnGrad {
     fn name(&self) -> &'static str {
         "selfsup-bn-grad"
     }
+    /// Inputs `(x, dy, y)`; output `dx | dw | db` flattened.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -160,33 +188,59 @@ impl CustomOp3 for BnGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = dims(l1)?;
         let x = f32s(s1, l1)?;
-        let w = f32s(s2, l2)?;
-        let dy = f32s(s3, l3)?;
-        let st = stats(x, n, c, hw);
+        let dy = f32s(s2, l2)?;
+        let y = f32s(s3, l3)?;
+        let (st, w, relu) = (&self.stats, &self.weight, self.relu);
         let numel = x.len();
         let mut out = vec![0f32; numel + 2 * c];
         let p = Out(out.as_mut_ptr());
         let m = (n * hw) as f64;
+        // The gradient reaching the normalised output: dy, masked by the ReLU.
+        let g = |dy: f32, y: f32| {
+            if relu && y <= 0.0 {
+                0.0
+            } else {
+                dy
+            }
+        };
         (0..c).into_par_iter().for_each(|ch| {
             let (mean, var) = st[ch];
             let istd = 1.0 / (var + self.eps).sqrt();
-            let (mut db, mut dw) = (0f64, 0f64);
+            let meanf = mean as f32;
+            // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep
+            // the sums exact enough when the mean is large against the spread.
+            let (mut db, mut dxc) = (0f64, 0f64);
             for i in 0..n {
                 let off = (i * c + ch) * hw;
-                for j in 0..hw {
-                    let g = dy[off + j] as f64;
-                    db += g;
-                    dw += g * (x[off + j] as f64 - mean) * istd;
+                let (mut sb, mut sx) = (0f32, 0f32);
+                let rows = x[off..off + hw]
+                    .iter()
+                    .zip(&dy[off..off + hw])
+                    .zip(&y[off..off + hw]);
+                for ((&xj, &dyj), &yj) in rows {
+                    let gj = g(dyj, yj);
+                    sb += gj;
+                    sx += gj * (xj - meanf);
                 }
+                db += sb as f64;
+                dxc += sx as f64;
             }
+            let dw = istd * dxc;
             let k = w[ch] as f64 * istd / m;
+            // dx = k (m g - db - xh dw) with xh = (x - mean) istd.
+            let a = (k * m) as f32;
+            let bx = (-k * dw * istd) as f32;
+            let c0 = (-k * db) as f32;
             for i in 0..n {
                 let off = (i * c + ch) * hw;
-                for j in 0..hw {
-                    let xh = (x[off + j] as f64 - mean) * istd;
-                    let v = k * (m * dy[off + j] as f64 - db - xh * dw);
-                    // SAFETY: as in the forward pass, channel `ch` owns these indices.
-                    unsafe { *p.at(off + j) = v as f32 };
+                // SAFETY: as in the forward pass, channel `ch` owns these indices.
+                let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
+                let rows = x[off..off + hw]
+                    .iter()
+                    .zip(&dy[off..off + hw])
+                    .zip(&y[off..off + hw]);
+                for (d, ((&xj, &dyj), &yj)) in dst.iter_mut().zip(rows) {
+                    *d = a * g(dyj, yj) + bx * (xj - meanf) + c0;
                 }
             }
             // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
@@ -199,10 +253,49 @@ impl CustomOp3 for BnGrad {
     }
 }
 
-/// Training-mode batch norm of `x (N, C, ...)` with `weight`, `bias` `(C,)`, f32 on the CPU,
-/// differentiable in all three. Batch statistics for the running averages come from
-/// [`channel_stats`].
-pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, BnTrain { eps })
+/// What [`batch_norm_train`] returns.
+#[derive(Clone, Debug)]
+pub struct BnTrainOutput {
+    /// The normalised (and, with `relu`, rectified) output, shaped like the input.
+    pub y: Tensor,
+    /// Batch mean per channel, `(C,)`, `f32`, without gradient (for the running averages).
+    pub mean: Tensor,
+    /// Biased batch variance per channel, `(C,)`, `f32`, without gradient.
+    pub var: Tensor,
+}
+
+/// Training-mode batch norm of `x (N, C, ...)` with `weight`, `bias` `(C,)`, optionally
+/// followed by a ReLU, f32 on the CPU, differentiable in all three inputs. The batch statistics
+/// are computed once (in `f64`), used by the forward and the backward, and returned for the
+/// running averages.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BnTrainOutput> {
+    let x = x.contiguous()?;
+    let st = channel_stats(&x)?;
+    let rows = st.to_vec2::<f64>()?;
+    let stats: Vec<(f64, f64)> = rows[0]
+        .iter()
+        .copied()
+        .zip(rows[1].iter().copied())
+        .collect();
+    let y = x.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        BnTrain {
+            eps,
+            relu,
+            stats: Arc::new(stats),
+        },
+    )?;
+    let st = st.to_dtype(DType::F32)?;
+    Ok(BnTrainOutput {
+        y,
+        mean: st.get(0)?,
+        var: st.get(1)?,
+    })
 }

@@ -41,13 +41,25 @@ impl Geometry {
     }
 }
 
-trait Float: Copy + Default + Send + Sync + std::ops::AddAssign + 'static {}
-impl Float for f32 {}
-impl Float for f64 {}
+pub(crate) trait Float:
+    Copy + Default + Send + Sync + std::ops::AddAssign + 'static
+{
+    fn one() -> Self;
+}
+impl Float for f32 {
+    fn one() -> Self {
+        1.0
+    }
+}
+impl Float for f64 {
+    fn one() -> Self {
+        1.0
+    }
+}
 
 /// `x (N, C, H, W)` to `cols (C k k, N OH OW)`: row `(c, ky, kx)`, column `(n, oy, ox)` holds
 /// `x[n, c, oy s + ky - p, ox s + kx - p]` (0 outside).
-fn im2col_cpu<T: Float>(x: &[T], g: Geometry) -> Vec<T> {
+pub(crate) fn im2col_cpu<T: Float>(x: &[T], g: Geometry) -> Vec<T> {
     let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
     let mut out = vec![T::default(); g.rows() * g.cols()];
     out.par_chunks_mut(g.cols())
@@ -89,7 +101,7 @@ fn im2col_cpu<T: Float>(x: &[T], g: Geometry) -> Vec<T> {
 }
 
 /// The adjoint of [`im2col_cpu`]: scatter-add `cols (C k k, N OH OW)` into `(N, C, H, W)`.
-fn col2im_cpu<T: Float>(cols: &[T], g: Geometry) -> Vec<T> {
+pub(crate) fn col2im_cpu<T: Float>(cols: &[T], g: Geometry) -> Vec<T> {
     let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
     let ncols = g.cols();
     let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
@@ -208,10 +220,11 @@ pub fn col2im(cols: &Tensor, g: Geometry) -> Result<Tensor> {
 }
 
 /// 2-D convolution, `x (N, C, H, W)`, `w (O, C, k, k)`, no bias. On the CPU in f32/f64 it is
-/// `im2col` + one matrix product; elsewhere candle's `conv2d`.
+/// one custom op (`im2col` + one matrix product, explicit backward; see the `conv` module);
+/// elsewhere candle's `conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    let (o, c, k, k2) = w.dims4()?;
+    let (_o, c, k, k2) = w.dims4()?;
     if !fast || k != k2 {
         return x.conv2d(w, pad, stride, 1, 1);
     }
@@ -222,13 +235,22 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
             w.dims()
         );
     }
-    let cols = im2col(x, k, stride, pad)?;
-    let (_, l) = cols.dims2()?;
-    let g_oh_ow = l / n;
     let (h, wd) = (x.dim(2)?, x.dim(3)?);
-    let oh = (h + 2 * pad - k) / stride + 1;
-    let ow = (wd + 2 * pad - k) / stride + 1;
-    debug_assert_eq!(oh * ow, g_oh_ow);
-    let y = w.reshape((o, c * k * k))?.matmul(&cols)?; // (O, N OH OW)
-    y.reshape((o, n, oh, ow))?.transpose(0, 1)?.contiguous()
+    if k == 0 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+        candle_core::bail!(
+            "conv2d: kernel {k} stride {stride} padding {pad} does not fit {:?}",
+            x.dims()
+        );
+    }
+    let g = Geometry {
+        n,
+        c,
+        h,
+        w: wd,
+        k,
+        stride,
+        pad,
+    };
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, crate::conv::Conv(g))
 }

@@ -12,7 +12,10 @@
 #![warn(missing_docs)]
 
 mod batch_norm;
+mod conv;
 mod im2col;
+mod pool;
 
-pub use batch_norm::{batch_norm_train, channel_stats};
+pub use batch_norm::{batch_norm_train, channel_stats, BnTrainOutput};
 pub use im2col::{col2im, conv2d, im2col, Geometry};
+pub use pool::max_pool2d;

@@ -1,5 +1,5 @@
 //! The fused batch norm agrees with the same formula composed of candle ops, values and
-//! gradients (input, weight, bias), for 4-D and 2-D inputs.
+//! gradients (input, weight, bias), for 4-D and 2-D inputs, with and without the fused ReLU.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -47,11 +47,15 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn fused_batch_norm_matches_composed_ops() {
     let dev = Device::Cpu;
-    for shape in [
-        vec![4usize, 3, 5, 7],
-        vec![1, 8, 3, 3],
-        vec![16, 32],
-        vec![5, 64, 4, 4],
+    for (shape, relu) in [
+        (vec![4usize, 3, 5, 7], false),
+        (vec![4usize, 3, 5, 7], true),
+        (vec![1, 8, 3, 3], false),
+        (vec![1, 8, 3, 3], true),
+        (vec![16, 32], false),
+        (vec![16, 32], true),
+        (vec![5, 64, 4, 4], true),
+        (vec![2, 3, 32, 32], true),
     ] {
         let c = shape[1];
         let x = Var::from_tensor(
@@ -60,9 +64,16 @@ fn fused_batch_norm_matches_composed_ops() {
         .unwrap();
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, &dev).unwrap()).unwrap();
-        let ours = selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
-            .unwrap();
-        let theirs = reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5);
+        let out =
+            selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, relu)
+                .unwrap();
+        let ours = out.y.clone();
+        let mut theirs = reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5);
+        if relu {
+            theirs = theirs.relu().unwrap();
+            let negative = ours.lt(0f32).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(negative.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
         assert!(max_rel(&ours, &theirs) < 1e-4, "{shape:?} forward");
         let r = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
         let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -81,6 +92,7 @@ fn fused_batch_norm_matches_composed_ops() {
         }
         let st = selfsup_ops::channel_stats(x.as_tensor()).unwrap();
         assert_eq!(st.dims(), &[2, c]);
+        assert_eq!(st.dtype(), DType::F64);
         let dims: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
         let mean = x
             .as_tensor()
@@ -88,9 +100,64 @@ fn fused_batch_norm_matches_composed_ops() {
             .unwrap()
             .flatten_all()
             .unwrap();
-        assert!(max_rel(&st.get(0).unwrap(), &mean) < 1e-5);
+        let xc = x
+            .as_tensor()
+            .broadcast_sub(&x.as_tensor().mean_keepdim(dims.as_slice()).unwrap())
+            .unwrap();
+        let var = xc
+            .sqr()
+            .unwrap()
+            .mean_keepdim(dims.as_slice())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let st32 = st.to_dtype(DType::F32).unwrap();
+        assert!(max_rel(&st32.get(0).unwrap(), &mean) < 1e-5);
+        assert!(max_rel(&out.mean, &mean) < 1e-5);
+        assert!(max_rel(&out.var, &var) < 1e-5);
     }
     let ints = Tensor::zeros((2, 3, 4), DType::F64, &dev).unwrap();
     let w = Tensor::ones(3, DType::F64, &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_train(&ints, &w, &w, 1e-5).is_err());
+    assert!(selfsup_ops::batch_norm_train(&ints, &w, &w, 1e-5, false).is_err());
+}
+
+/// The centred sums keep the gradients right when the mean dwarfs the spread.
+#[test]
+fn large_mean_small_spread() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(
+        &(Tensor::randn(0f32, 0.01, (8, 4, 6, 6), &dev).unwrap() + 100.0).unwrap(),
+    )
+    .unwrap();
+    let w = Var::from_tensor(&Tensor::ones(4, DType::F32, &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap();
+    let ours =
+        selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, false)
+            .unwrap()
+            .y;
+    let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
+    let r = Tensor::randn(0f32, 1., (8, 4, 6, 6), &dev).unwrap();
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let r64 = r.to_dtype(DType::F64).unwrap();
+    let x64v = Var::from_tensor(&x64).unwrap();
+    let theirs = reference(
+        x64v.as_tensor(),
+        &w.as_tensor().to_dtype(DType::F64).unwrap(),
+        &b.as_tensor().to_dtype(DType::F64).unwrap(),
+        1e-5,
+    );
+    let g2 = (theirs * &r64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let a = g1.get(x.as_tensor()).unwrap();
+    let b = g2
+        .get(x64v.as_tensor())
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let d = max_rel(a, &b);
+    assert!(d < 1e-3, "dx differs by {d}");
 }
