@@ -76,5 +76,19 @@ for i in range(a.steps + 1):
 fw.sort()
 bw.sort()
 f, b = fw[len(fw) // 2], bw[len(bw) // 2]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+
+def peak_rss_mib():
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    high-water mark across execve, so a child started by the Rust bench would report the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+peak = peak_rss_mib()
 print(f"pytorch {torch.__version__} median: forward {f:.3f} s, backward {b:.3f} s, {2 * a.batch / (f + b):.1f} images/s (views); peak RSS {peak:.0f} MiB")

@@ -207,6 +207,35 @@ impl BatchNorm {
         })
     }
 
+    /// `relu(bn(x) + residual)` (a ResNet block's tail): one fused op on the CPU in training
+    /// mode (selfsup-ops), composed elsewhere.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
+            self.check_input(x)?;
+            let out = selfsup_ops::batch_norm_add_relu_train(x, w, b, residual, self.eps)?;
+            self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
+            return Ok(out.y);
+        }
+        Ok((self.forward_t(x, train)? + residual)?.relu()?)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let c = self.running_mean.dim(0)?;
+        if x.rank() < 2 || x.dim(1)? != c {
+            return Err(crate::Error::Config(format!(
+                "batch norm over {c} channels got input of shape {:?}",
+                x.shape()
+            )));
+        }
+        if x.elem_count() / c < 2 {
+            return Err(crate::Error::Config(format!(
+                "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
+                x.shape()
+            )));
+        }
+        Ok(())
+    }
+
     fn fused(&self, x: &Tensor, train: bool) -> bool {
         train
             && x.device().is_cpu()

@@ -49,16 +49,22 @@ struct Block {
 
 impl Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward_act(&c.forward(&y)?, train, i < last)?;
-        }
         let id = match &self.downsample {
             Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((y + id)?.relu()?)
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (c, bn)) in self.convs.iter().enumerate() {
+            let z = c.forward(&y)?;
+            y = if i < last {
+                bn.forward_act(&z, train, true)?
+            } else {
+                // relu(bn(z) + identity), one op on the CPU.
+                bn.forward_add_relu(&z, &id, train)?
+            };
+        }
+        Ok(y)
     }
 }
 

@@ -18,14 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::im2col::{col2im_cpu, im2col_cpu, Float, Geometry};
-
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        t => Parallelism::Rayon(t),
-    }
-}
+use crate::im2col::{col2im_samples, im2col_samples, Float, Geometry};
 
 /// A row-major `(rows, cols)` operand with arbitrary strides.
 #[derive(Clone, Copy)]
@@ -75,40 +68,109 @@ unsafe fn matmul<T: Float>(
     )
 }
 
-fn conv_fwd<T: Float>(x: &[T], w: &[T], g: Geometry, o: usize) -> Vec<T> {
-    let (rows, ncols, l) = (g.rows(), g.cols(), g.oh() * g.ow());
-    let cols = im2col_cpu(x, g);
-    let mut tmp = vec![T::default(); o * ncols];
-    // SAFETY: tmp is (o, ncols), w is (o, rows), cols is (rows, ncols), all row-major.
-    unsafe {
-        matmul(
-            o,
-            ncols,
-            rows,
-            tmp.as_mut_ptr(),
-            ncols,
-            false,
-            Mat {
-                ptr: w.as_ptr(),
-                rs: rows as isize,
-                cs: 1,
-            },
-            Mat {
-                ptr: cols.as_ptr(),
-                rs: ncols as isize,
-                cs: 1,
-            },
-            parallelism(),
-        )
-    };
-    drop(cols);
-    let mut y = vec![T::default(); g.n * o * l];
-    y.par_chunks_mut(o * l).enumerate().for_each(|(n, yn)| {
-        for (oc, dst) in yn.chunks_mut(l).enumerate() {
-            dst.copy_from_slice(&tmp[oc * ncols + n * l..oc * ncols + (n + 1) * l]);
+/// Samples per chunk: enough output columns (`chunk x L >= 256`) for an efficient product,
+/// and a column matrix of a chunk small enough (a few hundred KiB) to stay in a core's cache
+/// between `im2col` and the product that reads it.
+fn chunk_samples(g: Geometry) -> usize {
+    let l = g.oh() * g.ow();
+    256usize.div_ceil(l).clamp(1, g.n.max(1))
+}
+
+/// `(O, nn L)` (row stride `nn L`) to `(nn, O, L)`.
+fn to_nchw<T: Float>(src: &[T], o: usize, nn: usize, l: usize, dst: &mut [T]) {
+    for s in 0..nn {
+        for oc in 0..o {
+            let w = nn * l;
+            dst[(s * o + oc) * l..(s * o + oc + 1) * l]
+                .copy_from_slice(&src[oc * w + s * l..oc * w + (s + 1) * l]);
         }
-    });
+    }
+}
+
+/// `(nn, O, L)` to `(O, nn L)`.
+fn from_nchw<T: Float>(src: &[T], o: usize, nn: usize, l: usize, dst: &mut [T]) {
+    for s in 0..nn {
+        for oc in 0..o {
+            let w = nn * l;
+            dst[oc * w + s * l..oc * w + (s + 1) * l]
+                .copy_from_slice(&src[(s * o + oc) * l..(s * o + oc + 1) * l]);
+        }
+    }
+}
+
+/// Row-major `(rows, cols)` matrix at `p`.
+fn dense<T>(p: *const T, cols: usize) -> Mat<T> {
+    Mat {
+        ptr: p,
+        rs: cols as isize,
+        cs: 1,
+    }
+}
+
+/// The transpose of a row-major `(rows, cols)` matrix at `p`, as a `(cols, rows)` operand.
+fn transposed<T>(p: *const T, cols: usize) -> Mat<T> {
+    Mat {
+        ptr: p,
+        rs: 1,
+        cs: cols as isize,
+    }
+}
+
+fn conv_fwd<T: Float>(x: &[T], w: &[T], g: Geometry, o: usize) -> Vec<T> {
+    let (rows, l) = (g.rows(), g.oh() * g.ow());
+    let cs = chunk_samples(g);
+    let mut y = vec![T::default(); g.n * o * l];
+    // Chunks of samples in parallel, each im2col + a single-threaded product on its own core.
+    y.par_chunks_mut(cs * o * l).enumerate().for_each_init(
+        || {
+            (
+                vec![T::default(); rows * cs * l],
+                vec![T::default(); o * cs * l],
+            )
+        },
+        |(cols, tmp), (ci, ychunk)| {
+            let nn = ychunk.len() / (o * l);
+            let width = nn * l;
+            im2col_samples(x, g, ci * cs, nn, cols);
+            // One sample: the product lands in place; several: through (O, nn L).
+            let dst = if nn == 1 {
+                ychunk.as_mut_ptr()
+            } else {
+                tmp.as_mut_ptr()
+            };
+            // SAFETY: dst holds (O, width); w is (O, rows); cols holds (rows, width).
+            unsafe {
+                matmul(
+                    o,
+                    width,
+                    rows,
+                    dst,
+                    width,
+                    false,
+                    dense(w.as_ptr(), rows),
+                    dense(cols.as_ptr(), width),
+                    Parallelism::None,
+                )
+            };
+            if nn > 1 {
+                to_nchw(tmp, o, nn, l, ychunk);
+            }
+        },
+    );
     y
+}
+
+/// Raw pointer to the input gradient; each chunk writes only its own samples.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
 }
 
 /// `(dx, dw)`: `dx` empty when not wanted.
@@ -120,47 +182,77 @@ fn conv_bwd<T: Float>(
     o: usize,
     need_dx: bool,
 ) -> (Vec<T>, Vec<T>) {
-    let (rows, ncols, l) = (g.rows(), g.cols(), g.oh() * g.ow());
-    // dY (N, O, L) -> dyt (O, N L).
-    let mut dyt = vec![T::default(); o * ncols];
-    dyt.par_chunks_mut(ncols).enumerate().for_each(|(oc, dst)| {
-        for n in 0..g.n {
-            dst[n * l..(n + 1) * l].copy_from_slice(&dy[(n * o + oc) * l..(n * o + oc + 1) * l]);
-        }
-    });
-    let mut cols = im2col_cpu(x, g);
-    // dW (O, rows) = dyt (O, NL) x cols^T (NL, rows), the NL axis split into one chunk per thread
-    // (each a single-threaded product), then summed.
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = ncols.div_ceil(threads).max(1);
-    let partials: Vec<Vec<T>> = (0..ncols.div_ceil(chunk))
+    let (rows, l) = (g.rows(), g.oh() * g.ow());
+    let plane = g.c * g.h * g.w;
+    let cs = chunk_samples(g);
+    let chunks = g.n.div_ceil(cs);
+    let mut dx = if need_dx {
+        vec![T::default(); g.n * plane]
+    } else {
+        Vec::new()
+    };
+    let dxp = Shared(dx.as_mut_ptr());
+    // A contiguous run of chunks per thread; each thread sums its own dW.
+    let threads = rayon::current_num_threads().clamp(1, chunks.max(1));
+    let per = chunks.div_ceil(threads);
+    let partials: Vec<Vec<T>> = (0..threads)
         .into_par_iter()
-        .map(|i| {
-            let (a, b) = (i * chunk, ((i + 1) * chunk).min(ncols));
-            let mut part = vec![T::default(); o * rows];
-            // SAFETY: column window [a, b) of dyt (O, NL) and row window [a, b) of cols^T.
-            unsafe {
-                matmul(
-                    o,
-                    rows,
-                    b - a,
-                    part.as_mut_ptr(),
-                    rows,
-                    false,
-                    Mat {
-                        ptr: dyt.as_ptr().add(a),
-                        rs: ncols as isize,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: cols.as_ptr().add(a),
-                        rs: 1,
-                        cs: ncols as isize,
-                    },
-                    Parallelism::None,
-                )
-            };
-            part
+        .map(|t| {
+            let mut dw = vec![T::default(); o * rows];
+            let mut cols = vec![T::default(); rows * cs * l];
+            let mut dyt = vec![T::default(); o * cs * l];
+            for ci in t * per..((t + 1) * per).min(chunks) {
+                let n0 = ci * cs;
+                let nn = cs.min(g.n - n0);
+                let width = nn * l;
+                let dyc = &dy[n0 * o * l..(n0 + nn) * o * l];
+                // dY of the chunk as (O, width): in place for one sample.
+                let dyp = if nn == 1 {
+                    dyc.as_ptr()
+                } else {
+                    from_nchw(dyc, o, nn, l, &mut dyt);
+                    dyt.as_ptr()
+                };
+                im2col_samples(x, g, n0, nn, &mut cols);
+                // SAFETY: dw is (O, rows); dY chunk (O, width); cols (rows, width) read
+                // transposed.
+                unsafe {
+                    matmul(
+                        o,
+                        rows,
+                        width,
+                        dw.as_mut_ptr(),
+                        rows,
+                        true,
+                        dense(dyp, width),
+                        transposed(cols.as_ptr(), width),
+                        Parallelism::None,
+                    )
+                };
+                if need_dx {
+                    // dcols (rows, width) = W^T (rows, O) x dY (O, width), over cols.
+                    // SAFETY: as above; W (O, rows) read transposed.
+                    unsafe {
+                        matmul(
+                            rows,
+                            width,
+                            o,
+                            cols.as_mut_ptr(),
+                            width,
+                            false,
+                            transposed(w.as_ptr(), rows),
+                            dense(dyp, width),
+                            Parallelism::None,
+                        )
+                    };
+                    // SAFETY: samples n0 .. n0 + nn of dx belong to this chunk alone.
+                    let dxc = unsafe {
+                        std::slice::from_raw_parts_mut(dxp.get().add(n0 * plane), nn * plane)
+                    };
+                    col2im_samples(&cols, g, nn, dxc);
+                }
+            }
+            dw
         })
         .collect();
     let mut dw = vec![T::default(); o * rows];
@@ -169,34 +261,7 @@ fn conv_bwd<T: Float>(
             *d += v;
         }
     }
-    if !need_dx {
-        return (Vec::new(), dw);
-    }
-    // dcols (rows, NL) = W^T (rows, O) x dyt (O, NL), written over cols.
-    // SAFETY: W (O, rows) read transposed; cols is (rows, NL).
-    unsafe {
-        matmul(
-            rows,
-            ncols,
-            o,
-            cols.as_mut_ptr(),
-            ncols,
-            false,
-            Mat {
-                ptr: w.as_ptr(),
-                rs: 1,
-                cs: rows as isize,
-            },
-            Mat {
-                ptr: dyt.as_ptr(),
-                rs: ncols as isize,
-                cs: 1,
-            },
-            parallelism(),
-        )
-    };
-    drop(dyt);
-    (col2im_cpu(&cols, g), dw)
+    (dx, dw)
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {

@@ -57,52 +57,106 @@ impl Float for f64 {
     }
 }
 
+/// One sample's part of one row `(c, ky, kx)` of the column matrix: `d[oy OW + ox] =
+/// plane[oy s + ky - p, ox s + kx - p]`, 0 outside; every entry of `d` is written.
+fn im2col_row<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut [T]) {
+    let (oh, ow) = (g.oh(), g.ow());
+    for oy in 0..oh {
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        let drow = &mut d[oy * ow..(oy + 1) * ow];
+        if iy < 0 || iy >= g.h as isize {
+            drow.fill(T::default());
+            continue;
+        }
+        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        if g.stride == 1 {
+            // Contiguous run: ix = ox + kx - p.
+            let lo = g.pad.saturating_sub(kx).min(ow); // first ox with ix >= 0
+            let hi = (g.w + g.pad).saturating_sub(kx).min(ow).max(lo); // first ox with ix >= w
+            drow[..lo].fill(T::default());
+            if lo < hi {
+                let s0 = lo + kx - g.pad;
+                drow[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+            }
+            drow[hi..].fill(T::default());
+        } else {
+            for (ox, v) in drow.iter_mut().enumerate() {
+                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                *v = if ix >= 0 && ix < g.w as isize {
+                    src[ix as usize]
+                } else {
+                    T::default()
+                };
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_row`]: add `src` (one sample's part of row `(c, ky, kx)`) into
+/// `plane`.
+fn col2im_row<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mut [T]) {
+    let ow = g.ow();
+    for oy in 0..g.oh() {
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        let prow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        let srow = &src[oy * ow..(oy + 1) * ow];
+        if g.stride == 1 {
+            let lo = g.pad.saturating_sub(kx).min(ow);
+            let hi = (g.w + g.pad).saturating_sub(kx).min(ow).max(lo);
+            if lo < hi {
+                let s0 = lo + kx - g.pad;
+                for (p, &v) in prow[s0..s0 + (hi - lo)].iter_mut().zip(&srow[lo..hi]) {
+                    *p += v;
+                }
+            }
+        } else {
+            for (ox, &v) in srow.iter().enumerate() {
+                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                if ix >= 0 && ix < g.w as isize {
+                    prow[ix as usize] += v;
+                }
+            }
+        }
+    }
+}
+
 /// `x (N, C, H, W)` to `cols (C k k, N OH OW)`: row `(c, ky, kx)`, column `(n, oy, ox)` holds
-/// `x[n, c, oy s + ky - p, ox s + kx - p]` (0 outside).
+/// `x[n, c, oy s + ky - p, ox s + kx - p]` (0 outside). Parallel over rows.
 pub(crate) fn im2col_cpu<T: Float>(x: &[T], g: Geometry) -> Vec<T> {
-    let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
+    let l = g.oh() * g.ow();
     let mut out = vec![T::default(); g.rows() * g.cols()];
     out.par_chunks_mut(g.cols())
         .enumerate()
         .for_each(|(row, dst)| {
-            let c = row / (g.k * g.k);
-            let ky = (row / g.k) % g.k;
-            let kx = row % g.k;
+            let (c, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
             for n in 0..g.n {
                 let plane = &x[(n * g.c + c) * g.h * g.w..(n * g.c + c + 1) * g.h * g.w];
-                let d = &mut dst[n * l..(n + 1) * l];
-                for oy in 0..oh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    let drow = &mut d[oy * ow..(oy + 1) * ow];
-                    if iy < 0 || iy >= g.h as isize {
-                        continue; // already zero
-                    }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    if g.stride == 1 {
-                        // Contiguous run: ix = ox + kx - p.
-                        let lo = g.pad.saturating_sub(kx); // first ox with ix >= 0
-                        let hi = (g.w + g.pad).saturating_sub(kx).min(ow); // first ox with ix >= w
-                        if lo < hi {
-                            let s0 = lo + kx - g.pad;
-                            drow[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
-                        }
-                    } else {
-                        for (ox, v) in drow.iter_mut().enumerate() {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                *v = src[ix as usize];
-                            }
-                        }
-                    }
-                }
+                im2col_row(plane, g, ky, kx, &mut dst[n * l..(n + 1) * l]);
             }
         });
     out
 }
 
+/// The column matrix `(C k k, nn OH OW)` of samples `n0 .. n0 + nn` only, into `out` (every
+/// entry written), on the calling thread.
+pub(crate) fn im2col_samples<T: Float>(x: &[T], g: Geometry, n0: usize, nn: usize, out: &mut [T]) {
+    let l = g.oh() * g.ow();
+    let width = nn * l;
+    for (row, dst) in out[..g.rows() * width].chunks_mut(width).enumerate() {
+        let (c, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
+        for s in 0..nn {
+            let plane = &x[((n0 + s) * g.c + c) * g.h * g.w..((n0 + s) * g.c + c + 1) * g.h * g.w];
+            im2col_row(plane, g, ky, kx, &mut dst[s * l..(s + 1) * l]);
+        }
+    }
+}
+
 /// The adjoint of [`im2col_cpu`]: scatter-add `cols (C k k, N OH OW)` into `(N, C, H, W)`.
 pub(crate) fn col2im_cpu<T: Float>(cols: &[T], g: Geometry) -> Vec<T> {
-    let (oh, ow, l) = (g.oh(), g.ow(), g.oh() * g.ow());
+    let l = g.oh() * g.ow();
     let ncols = g.cols();
     let mut out = vec![T::default(); g.n * g.c * g.h * g.w];
     out.par_chunks_mut(g.h * g.w)
@@ -113,24 +167,33 @@ pub(crate) fn col2im_cpu<T: Float>(cols: &[T], g: Geometry) -> Vec<T> {
                 for kx in 0..g.k {
                     let row = (c * g.k + ky) * g.k + kx;
                     let src = &cols[row * ncols + n * l..row * ncols + (n + 1) * l];
-                    for oy in 0..oh {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let prow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let srow = &src[oy * ow..(oy + 1) * ow];
-                        for (ox, &v) in srow.iter().enumerate() {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                prow[ix as usize] += v;
-                            }
-                        }
-                    }
+                    col2im_row(src, g, ky, kx, plane);
                 }
             }
         });
     out
+}
+
+/// The adjoint of [`im2col_samples`]: add `cols (C k k, nn OH OW)` into `dx (nn, C, H, W)`, on
+/// the calling thread.
+pub(crate) fn col2im_samples<T: Float>(cols: &[T], g: Geometry, nn: usize, dx: &mut [T]) {
+    let l = g.oh() * g.ow();
+    let width = nn * l;
+    for (p, plane) in dx[..nn * g.c * g.h * g.w].chunks_mut(g.h * g.w).enumerate() {
+        let (s, c) = (p / g.c, p % g.c);
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = (c * g.k + ky) * g.k + kx;
+                col2im_row(
+                    &cols[row * width + s * l..row * width + (s + 1) * l],
+                    g,
+                    ky,
+                    kx,
+                    plane,
+                );
+            }
+        }
+    }
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {

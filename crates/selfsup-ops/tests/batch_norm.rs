@@ -161,3 +161,50 @@ fn large_mean_small_spread() {
     let d = max_rel(a, &b);
     assert!(d < 1e-3, "dx differs by {d}");
 }
+
+/// `relu(bn(x) + r)` as one op agrees with the composed ops, values and all four gradients.
+#[test]
+fn fused_bn_add_relu_matches_composed_ops() {
+    let dev = Device::Cpu;
+    for shape in [vec![4usize, 3, 5, 7], vec![2, 16, 8, 8], vec![1, 4, 3, 3]] {
+        let c = shape[1];
+        let x =
+            Var::from_tensor(&Tensor::randn(1f32, 2., shape.as_slice(), &dev).unwrap()).unwrap();
+        let r =
+            Var::from_tensor(&Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, &dev).unwrap()).unwrap();
+        let out = selfsup_ops::batch_norm_add_relu_train(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            r.as_tensor(),
+            1e-5,
+        )
+        .unwrap();
+        let theirs = (reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) + r.as_tensor())
+            .unwrap()
+            .relu()
+            .unwrap();
+        assert!(max_rel(&out.y, &theirs) < 1e-4, "{shape:?} forward");
+        let m = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+        let g1 = (out.y * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &m)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias"), (&r, "residual")] {
+            let d = max_rel(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-3, "{shape:?}: d{name} differs by {d}");
+        }
+    }
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev).unwrap();
+    let w = Tensor::ones(3, DType::F32, &dev).unwrap();
+    let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
+    assert!(selfsup_ops::batch_norm_add_relu_train(&x, &w, &w, &wrong, 1e-5).is_err());
+}

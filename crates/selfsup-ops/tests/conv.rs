@@ -97,3 +97,39 @@ fn f64_and_errors() {
     assert!(selfsup_ops::conv2d(&x.to_dtype(DType::F32).unwrap(), &bad, 1, 1).is_err());
     assert!(selfsup_ops::im2col(&x, 9, 1, 0).is_err());
 }
+
+/// An input that needs no gradient (the image batch) gets none, and the weight gradient is
+/// still right; batches that do not divide into the op's sample chunks work too.
+#[test]
+fn constant_input_and_uneven_chunks() {
+    let dev = Device::Cpu;
+    for &(n, c, o, h, k, stride, pad) in &[
+        (37usize, 3usize, 8usize, 4usize, 3usize, 1usize, 1usize),
+        (19, 5, 4, 8, 3, 2, 1),
+        (3, 2, 6, 32, 5, 1, 2),
+    ] {
+        let x = Tensor::randn(0f32, 1., (n, c, h, h), &dev).unwrap();
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
+        let ours = selfsup_ops::conv2d(&x, wt.as_tensor(), stride, pad).unwrap();
+        let theirs = x.conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-4);
+        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g1.get(&x).is_none());
+        let (a, b) = (
+            g1.get(wt.as_tensor()).unwrap(),
+            g2.get(wt.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_rel(a, b) < 1e-4,
+            "n{n} weight gradient: {}",
+            max_rel(a, b)
+        );
+    }
+}
