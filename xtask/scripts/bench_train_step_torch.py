@@ -4,6 +4,7 @@ Same step as selfsup's: SimCLR with small-cnn (or torchvision resnet18 with a CI
 projection head Linear(D,512)-BN-ReLU-Linear(512,128), both views in one batch, NT-Xent (t=0.5),
 backward, SGD (momentum 0.9, weight decay 5e-4). Random inputs. Prints the median step.
     python bench_train_step_torch.py --model small-cnn --batch 256 --steps 5 --threads 2
+With --infer: the encoder's eval-mode forward under torch.inference_mode() instead.
 """
 import argparse
 import resource
@@ -13,11 +14,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+def peak_rss_mib():
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    high-water mark across execve, so a child started by the Rust bench would report the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="small-cnn")
 p.add_argument("--batch", type=int, default=256)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--infer", action="store_true", help="time the encoder's eval-mode forward only")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -57,6 +71,21 @@ def nt_xent(z0, z1, t=0.5):
     return F.cross_entropy(sim, target)
 
 
+if a.infer:
+    enc.eval()
+    x = torch.randn(a.batch, 3, 32, 32)
+    times = []
+    with torch.inference_mode():
+        for i in range(a.steps + 1):
+            t0 = time.perf_counter()
+            enc(x).sum().item()
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    t = times[len(times) // 2]
+    print(f"pytorch {torch.__version__} median: {t:.3f} s per batch, {a.batch / t:.1f} images/s; peak RSS {peak_rss_mib():.0f} MiB")
+    raise SystemExit(0)
+
 v0 = torch.randn(a.batch, 3, 32, 32)
 v1 = torch.randn(a.batch, 3, 32, 32)
 fw, bw = [], []
@@ -77,17 +106,6 @@ fw.sort()
 bw.sort()
 f, b = fw[len(fw) // 2], bw[len(bw) // 2]
 
-
-
-def peak_rss_mib():
-    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
-    high-water mark across execve, so a child started by the Rust bench would report the
-    parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 peak = peak_rss_mib()

@@ -39,6 +39,23 @@ pub enum Bench {
         #[arg(long)]
         compare_pytorch: bool,
     },
+    /// Inference: the encoder's eval-mode forward (feature extraction for kNN, linear probe and
+    /// `embed`): images/s and memory.
+    Infer {
+        /// small-cnn, resnet18, ... (any encoder name).
+        #[arg(long, default_value = "small-cnn")]
+        model: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+        /// Batches to time (after one warm-up batch).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Also run the identical PyTorch forward (the train-step script with `--infer`:
+        /// `eval()` and `torch.inference_mode()`) and print the ratio.
+        #[arg(long)]
+        compare_pytorch: bool,
+    },
     /// Forward + backward time of each loss at N = 512, D = 128 (f32, CPU), next to a small-cnn
     /// forward + backward on 512 images (the two views of a batch of 256).
     Losses {
@@ -62,31 +79,19 @@ pub fn run(b: Bench) -> Result<()> {
         } => {
             let ours = train_step(&model, batch, steps)?;
             if compare_pytorch {
-                let script = concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/scripts/bench_train_step_torch.py"
-                );
-                let threads = candle_core::utils::get_num_threads().to_string();
-                let (b, s) = (batch.to_string(), steps.to_string());
-                let torch = python_output(&[
-                    script,
-                    "--model",
-                    &model,
-                    "--batch",
-                    &b,
-                    "--steps",
-                    &s,
-                    "--threads",
-                    &threads,
-                ])?;
-                print!("{torch}");
-                let words: Vec<&str> = torch.split_whitespace().collect();
-                let theirs: f64 = words
-                    .windows(2)
-                    .find(|w| w[1] == "images/s")
-                    .and_then(|w| w[0].parse().ok())
-                    .ok_or_else(|| anyhow::anyhow!("cannot read the PyTorch images/s"))?;
-                println!("selfsup / pytorch: {:.2}x", ours / theirs);
+                compare_torch(ours, &model, batch, steps, false)?;
+            }
+            Ok(())
+        }
+        Bench::Infer {
+            model,
+            batch,
+            steps,
+            compare_pytorch,
+        } => {
+            let ours = infer(&model, batch, steps)?;
+            if compare_pytorch {
+                compare_torch(ours, &model, batch, steps, true)?;
             }
             Ok(())
         }
@@ -292,6 +297,76 @@ fn python_output(args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run xtask/scripts/bench_train_step_torch.py and print its line and the ratio.
+fn compare_torch(ours: f64, model: &str, batch: usize, steps: usize, infer: bool) -> Result<()> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/bench_train_step_torch.py"
+    );
+    let threads = candle_core::utils::get_num_threads().to_string();
+    let (b, s) = (batch.to_string(), steps.to_string());
+    let mut args = vec![
+        script,
+        "--model",
+        model,
+        "--batch",
+        &b,
+        "--steps",
+        &s,
+        "--threads",
+        &threads,
+    ];
+    if infer {
+        args.push("--infer");
+    }
+    let torch = python_output(&args)?;
+    print!("{torch}");
+    let words: Vec<&str> = torch.split_whitespace().collect();
+    let theirs: f64 = words
+        .windows(2)
+        .find(|w| w[1].trim_end_matches(';') == "images/s")
+        .and_then(|w| w[0].parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("cannot read the PyTorch images/s"))?;
+    println!("selfsup / pytorch: {:.2}x", ours / theirs);
+    Ok(())
+}
+
+/// Eval-mode encoder forward of `batch` random images, as feature extraction runs it.
+fn infer(model: &str, batch: usize, steps: usize) -> Result<f64> {
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let kind: selfsup_models::EncoderKind = model.parse()?;
+    let vm = candle_nn::VarMap::new();
+    let vb = selfsup_models::seeded_var_builder(&vm, 0, DType::F32, &dev);
+    let enc = selfsup_models::build_encoder(&kind, vb)?;
+    let x = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
+    println!(
+        "inference, {model}, batch {batch}, CPU {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        let t = Instant::now();
+        let f = enc.forward_t(&x, false)?.detach();
+        let _ = f.sum_all()?.to_scalar::<f32>()?;
+        let dt = t.elapsed().as_secs_f64();
+        println!(
+            "batch {i}: {:.3} s, {:.1} images/s{}",
+            dt,
+            batch as f64 / dt,
+            if i == 0 { " [warm-up]" } else { "" }
+        );
+        if i > 0 {
+            times.push(dt);
+        }
+    }
+    let t = median(times);
+    let (_, peak) = rss_mib();
+    let rate = batch as f64 / t;
+    println!("selfsup median: {t:.3} s per batch, {rate:.1} images/s; peak RSS {peak:.0} MiB");
+    Ok(rate)
 }
 
 fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {

@@ -199,12 +199,8 @@ impl BatchNorm {
     /// Normalise, then (with `relu`) rectify: `relu(bn(x))` as one fused op on the CPU in
     /// training mode (selfsup-ops), composed elsewhere.
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let y = self.normalise(x, train, relu)?;
-        Ok(if relu && !self.fused(x, train) {
-            y.relu()?
-        } else {
-            y
-        })
+        let (y, rectified) = self.normalise(x, train, relu)?;
+        Ok(if relu && !rectified { y.relu()? } else { y })
     }
 
     /// `relu(bn(x) + residual)` (a ResNet block's tail): one fused op on the CPU in training
@@ -244,8 +240,8 @@ impl BatchNorm {
             && self.bias.is_some()
     }
 
-    /// BatchNorm; the fused path also applies the ReLU when `relu`.
-    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// BatchNorm; the fused paths also apply the ReLU when `relu` (the flag returned).
+    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<(Tensor, bool)> {
         let c = self.running_mean.dim(0)?;
         if x.rank() < 2 || x.dim(1)? != c {
             return Err(crate::Error::Config(format!(
@@ -266,7 +262,25 @@ impl BatchNorm {
             }
             let out = selfsup_ops::batch_norm_train(x, w, b, self.eps, relu)?;
             self.update_running(&out.mean, &out.var, n)?;
-            return Ok(out.y);
+            return Ok((out.y, true));
+        }
+        if !train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            // Eval mode on the CPU: running statistics and affine parameters folded into one
+            // per-channel scale and shift, applied (with the ReLU) in one op (selfsup-ops).
+            let inv = (self.running_var.as_tensor().detach() + self.eps)?
+                .sqrt()?
+                .recip()?
+                .to_dtype(x.dtype())?;
+            let mean = self.running_mean.as_tensor().detach().to_dtype(x.dtype())?;
+            let (scale, shift) = match (&self.weight, &self.bias) {
+                (Some(w), Some(b)) => {
+                    let scale = (w * &inv)?;
+                    let shift = (b - (&mean * &scale)?)?;
+                    (scale, shift)
+                }
+                _ => (inv.clone(), (mean * &inv)?.neg()?),
+            };
+            return Ok((selfsup_ops::scale_shift(x, &scale, &shift, relu)?, true));
         }
         let (mean, var) = if train {
             let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
@@ -288,7 +302,7 @@ impl BatchNorm {
             self.update_running(&mean.flatten_all()?, &var.flatten_all()?, n)?;
             let inv = (var + self.eps)?.sqrt()?.recip()?;
             let y = xc.broadcast_mul(&inv)?;
-            return self.affine(y, &shape);
+            return Ok((self.affine(y, &shape)?, false));
         } else {
             (
                 self.running_mean
@@ -303,7 +317,7 @@ impl BatchNorm {
         };
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
-        self.affine(y, &shape)
+        Ok((self.affine(y, &shape)?, false))
     }
 
     fn update_running(&self, mean: &Tensor, var_biased: &Tensor, n: usize) -> Result<()> {

@@ -403,3 +403,60 @@ fn composed_and_fused_batch_norm_agree() {
         );
     }
 }
+
+#[test]
+fn eval_batch_norm_fused_matches_the_formula_values_and_gradients() {
+    // Eval mode on the CPU folds the running statistics into one scale/shift op (with the ReLU):
+    // it must equal (x - mean) / sqrt(var + eps) * w + b (then ReLU), gradients included.
+    use selfsup_models::layers::batch_norm;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let bn = batch_norm(3, seeded_var_builder(&vm, 0, DType::F32, &dev)).unwrap();
+    bn.running_mean
+        .set(&Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap())
+        .unwrap();
+    bn.running_var
+        .set(&Tensor::new(&[0.25f32, 4.0, 1.5], &dev).unwrap())
+        .unwrap();
+    let wv =
+        candle_core::Var::from_tensor(&Tensor::new(&[1.5f32, -0.5, 0.8], &dev).unwrap()).unwrap();
+    let bv =
+        candle_core::Var::from_tensor(&Tensor::new(&[0.1f32, 0.2, -0.3], &dev).unwrap()).unwrap();
+    let bn = selfsup_models::layers::BatchNorm {
+        weight: Some(wv.as_tensor().clone()),
+        bias: Some(bv.as_tensor().clone()),
+        ..bn
+    };
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 2., (4, 3, 5, 5), &dev).unwrap())
+        .unwrap();
+    for relu in [false, true] {
+        let ours = bn.forward_act(x.as_tensor(), false, relu).unwrap();
+        let shape = (1, 3, 1, 1);
+        let rm = bn.running_mean.as_tensor().reshape(shape).unwrap();
+        let rv = bn.running_var.as_tensor().reshape(shape).unwrap();
+        let mut want = x
+            .as_tensor()
+            .broadcast_sub(&rm)
+            .unwrap()
+            .broadcast_div(&(rv + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&wv.as_tensor().reshape(shape).unwrap())
+            .unwrap()
+            .broadcast_add(&bv.as_tensor().reshape(shape).unwrap())
+            .unwrap();
+        if relu {
+            want = want.relu().unwrap();
+        }
+        assert!(max_abs_diff(&ours, &want) < 1e-5, "relu {relu}: values");
+        let r = Tensor::randn(0f32, 1., (4, 3, 5, 5), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &wv, &bv] {
+            let d = max_abs_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "relu {relu}: gradient differs by {d}");
+        }
+    }
+}

@@ -16,6 +16,8 @@ mod conv;
 mod im2col;
 mod pool;
 
-pub use batch_norm::{batch_norm_add_relu_train, batch_norm_train, channel_stats, BnTrainOutput};
+pub use batch_norm::{
+    batch_norm_add_relu_train, batch_norm_train, channel_stats, scale_shift, BnTrainOutput,
+};
 pub use im2col::{col2im, conv2d, im2col, Geometry};
 pub use pool::max_pool2d;
