@@ -94,7 +94,7 @@ struct BnTrain {
     eps: f64,
     relu: bool,
     /// Per-channel `(mean, biased var)` of the input, shared with the backward.
-    stats: Arc<Vec<(f64, f64)>>,
+    stats: Stats64,
 }
 
 impl CustomOp3 for BnTrain {
@@ -169,7 +169,7 @@ impl CustomOp3 for BnTrain {
 struct BnGrad {
     eps: f64,
     relu: bool,
-    stats: Arc<Vec<(f64, f64)>>,
+    stats: Stats64,
     weight: Vec<f32>,
     /// Also output the masked `dy` (the residual's gradient in `relu(bn(x) + r)`).
     emit_g: bool,
@@ -306,7 +306,7 @@ pub fn batch_norm_train(
 /// `relu(bn(x) + residual)`: inputs `(x, cat(weight, bias), residual)`.
 struct BnAddRelu {
     eps: f64,
-    stats: Arc<Vec<(f64, f64)>>,
+    stats: Stats64,
 }
 
 impl CustomOp3 for BnAddRelu {
@@ -375,7 +375,10 @@ impl CustomOp3 for BnAddRelu {
     }
 }
 
-fn stats_of(x: &Tensor) -> Result<(Tensor, Arc<Vec<(f64, f64)>>)> {
+/// Per-channel `(mean, biased var)`, shared by a forward op and its backward.
+type Stats64 = Arc<Vec<(f64, f64)>>;
+
+fn stats_of(x: &Tensor) -> Result<(Tensor, Stats64)> {
     let st = channel_stats(x)?;
     let rows = st.to_vec2::<f64>()?;
     let stats = rows[0]
