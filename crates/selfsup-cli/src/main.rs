@@ -27,7 +27,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Never hand freed memory back to the OS. By default mimalloc purges pages unused for 10 ms,
 /// and every training step then re-faults (and the kernel re-zeroes) the same few hundred MiB
 /// of activations: a third of the small-cnn step's samples sat in `clear_page`. Keeping the
-/// pages makes the step 1.6x faster (docs/benchmarks.md) for a peak RSS within 10% of before.
+/// pages made the small-cnn step about 1.3x faster (docs/benchmarks.md) for a peak RSS within
+/// 10% of before.
 /// `MIMALLOC_PURGE_DELAY` in the environment still overrides this default.
 fn keep_freed_pages() {
     // SAFETY: sets a process-wide allocator option; called first thing in `main`, and mimalloc

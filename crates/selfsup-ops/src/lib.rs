@@ -4,11 +4,20 @@
 //! Used by the encoders on the CPU and bypassed on other devices (where candle's own ops, or
 //! cuDNN, run).
 //!
-//! Design choice: a convolution is `im2col` (a custom op, parallel over its rows) followed by
-//! **one** large matrix product over the whole batch (`W (O, C k k) x cols (C k k, N L)`), which
-//! candle hands to the `gemm` crate. Its gradients are two more large products (candle's matmul
-//! backward) and `col2im`, the adjoint of `im2col` (another custom op). This replaces candle
-//! 0.11's CPU input gradient, a single-threaded `conv_transpose2d`.
+//! Design choice: **one op per layer, with a closed-form backward.** candle builds its
+//! gradient op by op, and every op in the graph costs a zero-filled gradient buffer and an add
+//! besides its own backward; a ReLU's backward alone is five full-size ops. So each layer here
+//! is a single custom op:
+//! - [`conv2d`]: `im2col` of a few samples at a time (sized to stay in cache) and one `gemm`
+//!   product per chunk, chunks in parallel; the backward recomputes the columns instead of
+//!   keeping them, and skips the input gradient when the input needs none (the image batch).
+//! - [`batch_norm_train`] (optionally with the ReLU) and [`batch_norm_add_relu_train`]
+//!   (`relu(bn(x) + residual)`, a ResNet block's tail): statistics computed once, in `f64`,
+//!   shared by forward and backward; [`scale_shift`] is eval-mode BatchNorm(+ReLU).
+//! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
+//!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
+//!
+//! All are f32 on the CPU (the convolution also f64); callers fall back to candle's ops elsewhere.
 #![warn(missing_docs)]
 
 mod batch_norm;
