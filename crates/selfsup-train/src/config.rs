@@ -157,8 +157,9 @@ impl TrainConfig {
         toml::to_string(self).expect("config serialises")
     }
 
-    /// Set the method-specific options (loss temperature, head widths, momentum, augmentation)
-    /// to `method`'s defaults, from its paper or lightly's CIFAR-10 benchmark (docs/methods.md).
+    /// Set the method-specific options (loss temperature, head widths, momentum, augmentation;
+    /// for Barlow Twins and VICReg also the optimiser: LARS, lr 0.2 x batch / 256) to
+    /// `method`'s defaults, from its paper or lightly's CIFAR-10 benchmark (docs/methods.md).
     /// The CLI applies them after the preset and before the config file and the flags. For a
     /// hybrid `a+b` these are `a`'s, with `b`'s pretext defaults.
     pub fn apply_method_defaults(&mut self, method: &str) {
@@ -185,7 +186,15 @@ impl TrainConfig {
                 self.momentum_cosine = true;
             }
             "simsiam" => (self.proj_hidden, self.proj_out, self.pred_hidden) = (2048, 2048, 512),
-            "barlow" | "vicreg" => (self.proj_hidden, self.proj_out) = (2048, 2048),
+            "barlow" | "vicreg" => {
+                (self.proj_hidden, self.proj_out) = (2048, 2048);
+                // Both papers train with LARS at a base lr of 0.2 per 256 images (weight decay
+                // 1.5e-6 for Barlow Twins, 1e-6 for VICReg); with SGD at SimCLR's rate VICReg
+                // diverges and Barlow Twins stalls (docs/methods.md).
+                self.optimizer = OptimizerKind::Lars;
+                self.lr = 0.2 * self.batch_size as f64 / 256.0;
+                self.weight_decay = if base == "barlow" { 1.5e-6 } else { 1e-6 };
+            }
             "rotation" | "colorization" | "supervised" => self.augment = "crop_flip".into(),
             _ => {}
         }

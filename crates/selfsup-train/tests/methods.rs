@@ -183,3 +183,22 @@ fn labelled_methods_refuse_unlabelled_data() {
         .to_string();
     assert!(e.contains("uses labels"), "{e}");
 }
+
+#[test]
+fn barlow_and_vicreg_default_to_lars_others_keep_the_optimiser() {
+    for (method, wd) in [("barlow", 1.5e-6), ("vicreg", 1e-6)] {
+        let mut c = TrainConfig {
+            batch_size: 512,
+            ..TrainConfig::default()
+        };
+        c.apply_method_defaults(method);
+        assert_eq!(c.optimizer, OptimizerKind::Lars, "{method}");
+        assert!((c.lr - 0.4).abs() < 1e-12, "{method}: lr {}", c.lr);
+        assert_eq!(c.weight_decay, wd, "{method}");
+        assert_eq!((c.proj_hidden, c.proj_out), (2048, 2048));
+    }
+    let mut c = TrainConfig::default();
+    let (opt, lr, wd) = (c.optimizer, c.lr, c.weight_decay);
+    c.apply_method_defaults("simclr");
+    assert_eq!((c.optimizer, c.lr, c.weight_decay), (opt, lr, wd));
+}
