@@ -124,8 +124,14 @@ pub fn run(
     probe_features: Option<(&selfsup_eval::Features, &selfsup_eval::Features)>,
 ) -> Result<()> {
     let labels = train.label_vec().context("CIFAR-10 train labels")?;
-    println!("| labels | linear probe (pretrained) | fine-tune (pretrained) | from scratch |");
-    println!("| --- | --- | --- | --- |");
+    let mut table = String::from(
+        "| labels | linear probe (pretrained) | fine-tune (pretrained) | from scratch |\n| --- | --- | --- | --- |\n",
+    );
+    print!("{table}");
+    // The table so far is also kept in OUT/results.md (rewritten atomically after each row),
+    // so an interrupted run keeps its finished rows.
+    let results = ll.out.join("results.md");
+    std::fs::create_dir_all(&ll.out).with_context(|| format!("{}", ll.out.display()))?;
     for &f in &ll.fractions {
         let idx = balanced_subset(&labels, f, ll.seed);
         let sub = train.subset(&idx);
@@ -163,11 +169,14 @@ pub fn run(
             "-".into()
         };
         let scratch = supervised(ll, &sub, test, false, &format!("scratch-{pct}pct"))?;
-        println!(
-            "| {pct}% ({} images) | {probe} | {ft} | {:.2}% |",
+        let row = format!(
+            "| {pct}% ({} images) | {probe} | {ft} | {:.2}% |\n",
             idx.len(),
             100.0 * scratch
         );
+        print!("{row}");
+        table.push_str(&row);
+        selfsup_train::write_atomic(&results, table.as_bytes())?;
     }
     Ok(())
 }

@@ -183,6 +183,19 @@ fn methods_bring_their_defaults_and_flags_override_them() {
     assert!(rot.contains("augment = \"crop_flip\""));
     // The preset's schedule stays.
     assert!(rot.contains("epochs = 10") && rot.contains("lr = 0.12"));
+    // Barlow Twins and VICReg bring their papers' optimiser; flags still win.
+    for m in ["barlow", "vicreg"] {
+        let c = cfg(&["--method", m]);
+        assert!(
+            c.contains("optimizer = \"lars\"") && c.contains("lr = 0.2"),
+            "{c}"
+        );
+    }
+    let c = cfg(&["--method", "barlow", "--optimizer", "sgd", "--lr", "0.05"]);
+    assert!(
+        c.contains("optimizer = \"sgd\"") && c.contains("lr = 0.05"),
+        "{c}"
+    );
 }
 
 #[test]
@@ -309,4 +322,33 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("top-1"));
+    // Low-label protocol on the same tiny data: the table goes to stdout and OUT/results.md.
+    let ll = d.path().join("ll");
+    let out = selfsup()
+        .args([
+            "eval",
+            "low-label",
+            "--baseline",
+            "random",
+            "--encoder",
+            "small-cnn",
+        ])
+        .args(["--fractions", "0.5", "--epochs", "1", "--batch-size", "10"])
+        .args([
+            "--data-dir",
+            d.path().to_str().unwrap(),
+            "--out",
+            ll.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| 50% (50 images) |"), "{stdout}");
+    let saved = std::fs::read_to_string(ll.join("results.md")).unwrap();
+    assert_eq!(saved, stdout);
 }
