@@ -37,11 +37,7 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("batch norm: input must be contiguous"),
-        _ => candle_core::bail!("batch norm: fused kernel is f32 only"),
-    }
+    crate::util::f32s(s, l, "batch norm")
 }
 
 /// Per-channel mean and biased variance, `(mean, var)`.
@@ -110,35 +106,20 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = dims(l1)?;
+        let (_, c, hw) = dims(l1)?;
         let x = f32s(s1, l1)?;
         let w = f32s(s2, l2)?;
         let b = f32s(s3, l3)?;
-        let st = &self.stats;
-        let mut y = vec![0f32; x.len()];
-        let out = Out(y.as_mut_ptr());
-        let relu = self.relu;
-        (0..c).into_par_iter().for_each(|ch| {
-            let (mean, var) = st[ch];
-            let istd = 1.0 / (var + self.eps).sqrt();
-            let scale = (w[ch] as f64 * istd) as f32;
-            let shift = (b[ch] as f64 - mean * w[ch] as f64 * istd) as f32;
-            for i in 0..n {
-                let off = (i * c + ch) * hw;
-                // SAFETY: channel `ch` owns the indices (i * c + ch) * hw + j; tasks are disjoint.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(off), hw) };
-                let src = &x[off..off + hw];
-                if relu {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = (v * scale + shift).max(0.0);
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = v * scale + shift;
-                    }
-                }
-            }
-        });
+        // Fold the batch statistics and the affine parameters into one scale and shift.
+        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
+            .map(|ch| {
+                let (mean, var) = self.stats[ch];
+                let istd = 1.0 / (var + self.eps).sqrt();
+                let scale = w[ch] as f64 * istd;
+                (scale as f32, (b[ch] as f64 - mean * scale) as f32)
+            })
+            .unzip();
+        let y = apply_scale_shift(x, c, hw, &scale, &shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -417,6 +398,38 @@ pub fn batch_norm_add_relu_train(
     })
 }
 
+/// `y = x * scale[c] + shift[c]` over `(N, C, hw)`, then `max(0, y)` with `relu`; samples in
+/// parallel.
+fn apply_scale_shift(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let sample = (c * hw).max(1);
+    y.par_chunks_mut(sample)
+        .zip(x.par_chunks(sample))
+        .for_each(|(dst, src)| {
+            let planes = dst.chunks_mut(hw.max(1)).zip(src.chunks(hw.max(1)));
+            for (ch, (d, s)) in planes.enumerate() {
+                let (a, b) = (scale[ch], shift[ch]);
+                if relu {
+                    for (d, &v) in d.iter_mut().zip(s) {
+                        *d = (v * a + b).max(0.0);
+                    }
+                } else {
+                    for (d, &v) in d.iter_mut().zip(s) {
+                        *d = v * a + b;
+                    }
+                }
+            }
+        });
+    y
+}
+
 /// `y = x * scale[c] + shift[c]`, then `max(0, y)` with `relu`: eval-mode batch norm with the
 /// running statistics folded into `scale` and `shift`.
 struct ScaleShift {
@@ -443,24 +456,7 @@ impl CustomOp3 for ScaleShift {
         if scale.len() != c || shift.len() != c {
             candle_core::bail!("scale-shift: expected {c} scales and shifts");
         }
-        let mut y = vec![0f32; x.len()];
-        let relu = self.relu;
-        // Planes of `hw` values in parallel; plane i belongs to channel i % c.
-        y.par_chunks_mut(hw.max(1))
-            .zip(x.par_chunks(hw.max(1)))
-            .enumerate()
-            .for_each(|(i, (dst, src))| {
-                let (a, b) = (scale[i % c], shift[i % c]);
-                if relu {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = (v * a + b).max(0.0);
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = v * a + b;
-                    }
-                }
-            });
+        let y = apply_scale_shift(x, c, hw, scale, shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(

@@ -265,10 +265,7 @@ fn conv_bwd<T: Float>(
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("selfsup-ops conv2d: inputs must be contiguous"),
-    }
+    crate::util::contiguous(s, l, "selfsup-ops conv2d")
 }
 
 pub(crate) struct Conv(pub Geometry);

@@ -197,10 +197,7 @@ pub(crate) fn col2im_samples<T: Float>(cols: &[T], g: Geometry, nn: usize, dx: &
 }
 
 fn slice<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("selfsup-ops: input must be contiguous"),
-    }
+    crate::util::contiguous(s, l, "selfsup-ops im2col")
 }
 
 struct Im2Col(Geometry);

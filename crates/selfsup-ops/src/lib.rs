@@ -24,6 +24,7 @@ mod batch_norm;
 mod conv;
 mod im2col;
 mod pool;
+mod util;
 
 pub use batch_norm::{
     batch_norm_add_relu_train, batch_norm_train, channel_stats, scale_shift, BnTrainOutput,

@@ -54,11 +54,7 @@ impl Pool {
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("max pool: input must be contiguous"),
-        _ => candle_core::bail!("max pool: fused kernel is f32 only"),
-    }
+    crate::util::f32s(s, l, "max pool")
 }
 
 struct MaxPool(Pool);
