@@ -207,7 +207,7 @@ impl BatchNorm {
     /// mode (selfsup-ops), composed elsewhere.
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
-            self.check_input(x)?;
+            self.check_input(x, true)?;
             let out = selfsup_ops::batch_norm_add_relu_train(x, w, b, residual, self.eps)?;
             self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
             return Ok(out.y);
@@ -215,7 +215,8 @@ impl BatchNorm {
         Ok((self.forward_t(x, train)? + residual)?.relu()?)
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<()> {
+    /// The input has this norm's channels, and in train mode more than one value per channel.
+    fn check_input(&self, x: &Tensor, train: bool) -> Result<()> {
         let c = self.running_mean.dim(0)?;
         if x.rank() < 2 || x.dim(1)? != c {
             return Err(crate::Error::Config(format!(
@@ -223,7 +224,7 @@ impl BatchNorm {
                 x.shape()
             )));
         }
-        if x.elem_count() / c < 2 {
+        if train && x.elem_count() / c < 2 {
             return Err(crate::Error::Config(format!(
                 "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
                 x.shape()
@@ -242,24 +243,13 @@ impl BatchNorm {
 
     /// BatchNorm; the fused paths also apply the ReLU when `relu` (the flag returned).
     fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<(Tensor, bool)> {
+        self.check_input(x, train)?;
         let c = self.running_mean.dim(0)?;
-        if x.rank() < 2 || x.dim(1)? != c {
-            return Err(crate::Error::Config(format!(
-                "batch norm over {c} channels got input of shape {:?}",
-                x.shape()
-            )));
-        }
         let shape = self.stat_shape(x);
         if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
             // Fused CPU kernel (selfsup-ops): one pass for the statistics, one for the output,
             // closed-form backward.
             let n = x.elem_count() / c;
-            if n < 2 {
-                return Err(crate::Error::Config(format!(
-                    "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
-                    x.shape()
-                )));
-            }
             let out = selfsup_ops::batch_norm_train(x, w, b, self.eps, relu)?;
             self.update_running(&out.mean, &out.var, n)?;
             return Ok((out.y, true));
@@ -285,12 +275,6 @@ impl BatchNorm {
         let (mean, var) = if train {
             let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
             let n = x.elem_count() / c;
-            if n < 2 {
-                return Err(crate::Error::Config(format!(
-                    "batch norm in train mode needs more than one value per channel, got input of shape {:?}",
-                    x.shape()
-                )));
-            }
             let mean = x
                 .sum_keepdim(dims.as_slice())?
                 .affine(1.0 / n as f64, 0.0)?;
