@@ -215,6 +215,69 @@ impl BatchNorm {
         Ok((self.forward_t(x, train)? + residual)?.relu()?)
     }
 
+    /// `relu(bn(x) + residual_bn(residual))` (a block with a projection shortcut): one fused op
+    /// on the CPU in training mode that never keeps the normalised shortcut, composed elsewhere.
+    pub fn forward_add_bn_relu(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        residual_bn: &BatchNorm,
+        train: bool,
+    ) -> Result<Tensor> {
+        let both = self.fused(x, train) && residual_bn.fused(residual, train);
+        if let (true, Some(w), Some(b), Some(rw), Some(rb)) = (
+            both,
+            &self.weight,
+            &self.bias,
+            &residual_bn.weight,
+            &residual_bn.bias,
+        ) {
+            if self.eps == residual_bn.eps {
+                self.check_input(x, true)?;
+                residual_bn.check_input(residual, true)?;
+                let out =
+                    selfsup_ops::batch_norm_add_bn_relu_train(x, w, b, residual, rw, rb, self.eps)?;
+                let per_channel = |t: &Tensor| Ok::<_, crate::Error>(t.elem_count() / t.dim(1)?);
+                self.update_running(&out.x.mean, &out.x.var, per_channel(x)?)?;
+                residual_bn.update_running(
+                    &out.residual.mean,
+                    &out.residual.var,
+                    per_channel(residual)?,
+                )?;
+                return Ok(out.y);
+            }
+        }
+        let r = residual_bn.forward_t(residual, train)?;
+        self.forward_add_relu(x, &r, train)
+    }
+
+    /// `conv(relu(bn(x)))` (the middle of a ResNet block): in training mode on the CPU one op
+    /// that recomputes `relu(bn(x))` in its backward instead of keeping it
+    /// (`selfsup_ops::batch_norm_relu_conv2d`, an activation-sized tensor less per use);
+    /// composed elsewhere.
+    pub fn forward_relu_conv(&self, x: &Tensor, train: bool, conv: &Conv2d) -> Result<Tensor> {
+        if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
+            if x.rank() == 4 {
+                self.check_input(x, true)?;
+                let out = selfsup_ops::batch_norm_relu_conv2d(
+                    x,
+                    w,
+                    b,
+                    self.eps,
+                    &conv.weight,
+                    conv.stride,
+                    conv.padding,
+                )?;
+                self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
+                return Ok(match &conv.bias {
+                    Some(cb) => out.y.broadcast_add(&cb.reshape((1, (), 1, 1))?)?,
+                    None => out.y,
+                });
+            }
+        }
+        Ok(conv.forward(&self.forward_act(x, train, true)?)?)
+    }
+
     /// The input has this norm's channels, and in train mode more than one value per channel.
     fn check_input(&self, x: &Tensor, train: bool) -> Result<()> {
         let c = self.running_mean.dim(0)?;

@@ -49,21 +49,20 @@ struct Block {
 
 impl Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let id = match &self.downsample {
-            Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
-            None => x.clone(),
-        };
-        let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, (c, bn)) in self.convs.iter().enumerate() {
-            let z = c.forward(&y)?;
-            y = if i < last {
-                bn.forward_act(&z, train, true)?
-            } else {
-                // relu(bn(z) + identity), one op on the CPU.
-                bn.forward_add_relu(&z, &id, train)?
-            };
+        // conv -> [bn -> relu -> conv]* -> bn + identity -> relu; each bracket is one op on
+        // the CPU that keeps no copy of its rectified input.
+        let (c0, _) = &self.convs[0];
+        let mut z = c0.forward(x)?;
+        for w in self.convs.windows(2) {
+            let ((_, bn), (c, _)) = (&w[0], &w[1]);
+            z = bn.forward_relu_conv(&z, train, c)?;
         }
+        let (_, bn) = self.convs.last().expect("a block has convolutions");
+        // relu(bn(z) + shortcut), one op on the CPU, the projection's BatchNorm included.
+        let y = match &self.downsample {
+            Some((c, bn_d)) => bn.forward_add_bn_relu(&z, &c.forward(x)?, bn_d, train)?,
+            None => bn.forward_add_relu(&z, x, train)?,
+        };
         Ok(y)
     }
 }

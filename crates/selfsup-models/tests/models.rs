@@ -460,3 +460,51 @@ fn eval_batch_norm_fused_matches_the_formula_values_and_gradients() {
         }
     }
 }
+
+#[test]
+fn fused_resnet_gradients_match_the_composed_f64_path() {
+    // f32 on the CPU takes the fused block ops (bn-relu-conv, bn-add-relu, bn-add-bn-relu); f64
+    // takes candle's composed BatchNorm and ReLU. Same seed, same input: every parameter's
+    // gradient and every running statistic must agree. Bottleneck blocks (resnet50) have two
+    // bn-relu-conv ops each; both depths have projection shortcuts.
+    for kind in ["resnet18-cifar-w0.125", "resnet50-cifar-w0.0625"] {
+        let kind: EncoderKind = kind.parse().unwrap();
+        let build = |dtype| {
+            let vm = VarMap::new();
+            let enc =
+                build_encoder(&kind, seeded_var_builder(&vm, 7, dtype, &Device::Cpu)).unwrap();
+            (vm, enc)
+        };
+        let (vm32, enc32) = build(DType::F32);
+        let (vm64, enc64) = build(DType::F64);
+        let x = Tensor::randn(0f32, 1., (4, 3, 16, 16), &Device::Cpu).unwrap();
+        let y32 = enc32.forward_t(&x, true).unwrap();
+        let y64 = enc64
+            .forward_t(&x.to_dtype(DType::F64).unwrap(), true)
+            .unwrap();
+        let r = Tensor::randn(0f32, 1., y32.shape(), &Device::Cpu).unwrap();
+        let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r64 = r.to_dtype(DType::F64).unwrap();
+        let g64 = (y64 * r64).unwrap().sum_all().unwrap().backward().unwrap();
+        let (d32, d64) = (vm32.data().lock().unwrap(), vm64.data().lock().unwrap());
+        let mut checked = 0;
+        for (name, v) in d32.iter() {
+            let w = &d64[name];
+            let as32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            if is_buffer(name) {
+                let d = rel_diff(v.as_tensor(), &as32(w.as_tensor()));
+                assert!(
+                    d < 1e-4,
+                    "{kind:?} {name}: running statistic differs by {d}"
+                );
+                continue;
+            }
+            let a = g32.get(v.as_tensor()).unwrap();
+            let b = as32(g64.get(w.as_tensor()).unwrap());
+            let d = rel_diff(a, &b);
+            assert!(d < 1e-3, "{kind:?} {name}: gradient differs by {d}");
+            checked += 1;
+        }
+        assert!(checked > 40, "only {checked} gradients compared");
+    }
+}

@@ -11,7 +11,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 /// Raw output pointer shared by the per-channel tasks; each task writes only its own channel.
@@ -28,7 +30,7 @@ impl Out {
     }
 }
 
-fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
+pub(crate) fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     let d = l.dims();
     if d.len() < 2 {
         candle_core::bail!("batch norm needs (N, C, ...), got {d:?}");
@@ -36,7 +38,7 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((d[0], d[1], d[2..].iter().product()))
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     crate::util::f32s(s, l, "batch norm")
 }
 
@@ -86,6 +88,17 @@ pub fn channel_stats(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Stats)
 }
 
+/// The batch statistics and the affine parameters folded into one scale and shift per channel.
+pub(crate) fn fold(st: &[(f64, f64)], w: &[f32], b: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    st.iter()
+        .zip(w.iter().zip(b))
+        .map(|(&(mean, var), (&w, &b))| {
+            let scale = w as f64 * (1.0 / (var + eps).sqrt());
+            (scale as f32, (b as f64 - mean * scale) as f32)
+        })
+        .unzip()
+}
+
 struct BnTrain {
     eps: f64,
     relu: bool,
@@ -110,15 +123,10 @@ impl CustomOp3 for BnTrain {
         let x = f32s(s1, l1)?;
         let w = f32s(s2, l2)?;
         let b = f32s(s3, l3)?;
-        // Fold the batch statistics and the affine parameters into one scale and shift.
-        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
-            .map(|ch| {
-                let (mean, var) = self.stats[ch];
-                let istd = 1.0 / (var + self.eps).sqrt();
-                let scale = w[ch] as f64 * istd;
-                (scale as f32, (b[ch] as f64 - mean * scale) as f32)
-            })
-            .unzip();
+        if w.len() != c || b.len() != c {
+            candle_core::bail!("batch norm: expected {c} weights and biases");
+        }
+        let (scale, shift) = fold(&self.stats, w, b, self.eps);
         let y = apply_scale_shift(x, c, hw, &scale, &shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -174,78 +182,111 @@ impl CustomOp3 for BnGrad {
         let x = f32s(s1, l1)?;
         let dy = f32s(s2, l2)?;
         let y = f32s(s3, l3)?;
-        let (st, w, relu) = (&self.stats, &self.weight, self.relu);
         let numel = x.len();
         let extra = if self.emit_g { numel } else { 0 };
         let mut out = vec![0f32; numel + 2 * c + extra];
-        let emit_g = self.emit_g;
-        let p = Out(out.as_mut_ptr());
-        let m = (n * hw) as f64;
-        // The gradient reaching the normalised output: dy, masked by the ReLU.
-        let g = |dy: f32, y: f32| {
-            if relu && y <= 0.0 {
-                0.0
-            } else {
-                dy
-            }
-        };
-        (0..c).into_par_iter().for_each(|ch| {
-            let (mean, var) = st[ch];
-            let istd = 1.0 / (var + self.eps).sqrt();
-            let meanf = mean as f32;
-            // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep
-            // the sums exact enough when the mean is large against the spread.
-            let (mut db, mut dxc) = (0f64, 0f64);
-            for i in 0..n {
-                let off = (i * c + ch) * hw;
-                let (mut sb, mut sx) = (0f32, 0f32);
-                let rows = x[off..off + hw]
-                    .iter()
-                    .zip(&dy[off..off + hw])
-                    .zip(&y[off..off + hw]);
-                for ((&xj, &dyj), &yj) in rows {
-                    let gj = g(dyj, yj);
-                    sb += gj;
-                    sx += gj * (xj - meanf);
-                }
-                db += sb as f64;
-                dxc += sx as f64;
-            }
-            let dw = istd * dxc;
-            let k = w[ch] as f64 * istd / m;
-            // dx = k (m g - db - xh dw) with xh = (x - mean) istd.
-            let a = (k * m) as f32;
-            let bx = (-k * dw * istd) as f32;
-            let c0 = (-k * db) as f32;
-            for i in 0..n {
-                let off = (i * c + ch) * hw;
-                // SAFETY: as in the forward pass, channel `ch` owns these indices.
-                let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
-                let rows = x[off..off + hw]
-                    .iter()
-                    .zip(&dy[off..off + hw])
-                    .zip(&y[off..off + hw]);
-                for (d, ((&xj, &dyj), &yj)) in dst.iter_mut().zip(rows) {
-                    *d = a * g(dyj, yj) + bx * (xj - meanf) + c0;
-                }
-                if emit_g {
-                    // SAFETY: the masked-dy block mirrors dx; channel `ch` owns these indices.
-                    let gdst =
-                        unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) };
-                    let rows = dy[off..off + hw].iter().zip(&y[off..off + hw]);
-                    for (d, (&dyj, &yj)) in gdst.iter_mut().zip(rows) {
-                        *d = g(dyj, yj);
-                    }
-                }
-            }
-            // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
-            unsafe {
-                *p.at(numel + ch) = dw as f32;
-                *p.at(numel + c + ch) = db as f32;
-            }
-        });
+        let relu = self.relu.then_some(y);
+        bn_backward(
+            x,
+            dy,
+            relu,
+            (n, c, hw),
+            &self.stats,
+            &self.weight,
+            self.eps,
+            &mut out,
+            self.emit_g,
+        );
         Ok((CpuStorage::F32(out), Shape::from(numel + 2 * c + extra)))
     }
+}
+
+/// BatchNorm's closed-form backward into `out = dx | dw | db`, and with `emit_g` also the
+/// gradient reaching the normalised output (`dy` masked by the ReLU) after them. `relu`: the
+/// forward's rectified output, whose non-positive entries mask `dy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_backward(
+    x: &[f32],
+    dy: &[f32],
+    relu: Option<&[f32]>,
+    (n, c, hw): (usize, usize, usize),
+    st: &[(f64, f64)],
+    w: &[f32],
+    eps: f64,
+    out: &mut [f32],
+    emit_g: bool,
+) {
+    let numel = x.len();
+    assert!(out.len() >= numel + 2 * c + if emit_g { numel } else { 0 });
+    let p = Out(out.as_mut_ptr());
+    let m = (n * hw) as f64;
+    // Without a ReLU the mask is never read; any slice of the right length does.
+    let (y, relu) = match relu {
+        Some(y) => (y, true),
+        None => (dy, false),
+    };
+    // The gradient reaching the normalised output: dy, masked by the ReLU.
+    let g = |dy: f32, y: f32| {
+        if relu && y <= 0.0 {
+            0.0
+        } else {
+            dy
+        }
+    };
+    (0..c).into_par_iter().for_each(|ch| {
+        let (mean, var) = st[ch];
+        let istd = 1.0 / (var + eps).sqrt();
+        let meanf = mean as f32;
+        // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep
+        // the sums exact enough when the mean is large against the spread.
+        let (mut db, mut dxc) = (0f64, 0f64);
+        for i in 0..n {
+            let off = (i * c + ch) * hw;
+            let (mut sb, mut sx) = (0f32, 0f32);
+            let rows = x[off..off + hw]
+                .iter()
+                .zip(&dy[off..off + hw])
+                .zip(&y[off..off + hw]);
+            for ((&xj, &dyj), &yj) in rows {
+                let gj = g(dyj, yj);
+                sb += gj;
+                sx += gj * (xj - meanf);
+            }
+            db += sb as f64;
+            dxc += sx as f64;
+        }
+        let dw = istd * dxc;
+        let k = w[ch] as f64 * istd / m;
+        // dx = k (m g - db - xh dw) with xh = (x - mean) istd.
+        let a = (k * m) as f32;
+        let bx = (-k * dw * istd) as f32;
+        let c0 = (-k * db) as f32;
+        for i in 0..n {
+            let off = (i * c + ch) * hw;
+            // SAFETY: as in the forward pass, channel `ch` owns these indices.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
+            let rows = x[off..off + hw]
+                .iter()
+                .zip(&dy[off..off + hw])
+                .zip(&y[off..off + hw]);
+            for (d, ((&xj, &dyj), &yj)) in dst.iter_mut().zip(rows) {
+                *d = a * g(dyj, yj) + bx * (xj - meanf) + c0;
+            }
+            if emit_g {
+                // SAFETY: the masked-dy block mirrors dx; channel `ch` owns these indices.
+                let gdst = unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) };
+                let rows = dy[off..off + hw].iter().zip(&y[off..off + hw]);
+                for (d, (&dyj, &yj)) in gdst.iter_mut().zip(rows) {
+                    *d = g(dyj, yj);
+                }
+            }
+        }
+        // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
+        unsafe {
+            *p.at(numel + ch) = dw as f32;
+            *p.at(numel + c + ch) = db as f32;
+        }
+    });
 }
 
 /// What [`batch_norm_train`] returns.
@@ -357,9 +398,9 @@ impl CustomOp3 for BnAddRelu {
 }
 
 /// Per-channel `(mean, biased var)`, shared by a forward op and its backward.
-type Stats64 = Arc<Vec<(f64, f64)>>;
+pub(crate) type Stats64 = Arc<Vec<(f64, f64)>>;
 
-fn stats_of(x: &Tensor) -> Result<(Tensor, Stats64)> {
+pub(crate) fn stats_of(x: &Tensor) -> Result<(Tensor, Stats64)> {
     let st = channel_stats(x)?;
     let rows = st.to_vec2::<f64>()?;
     let stats = rows[0]
@@ -398,9 +439,206 @@ pub fn batch_norm_add_relu_train(
     })
 }
 
+/// `relu(bn(x) + bn_r(r))`: inputs `(x, r, cat(weight, bias, r_weight, r_bias))`.
+struct BnAddBnRelu {
+    eps: f64,
+    stats: Stats64,
+    r_stats: Stats64,
+}
+
+impl CustomOp3 for BnAddBnRelu {
+    fn name(&self) -> &'static str {
+        "selfsup-bn-add-bn-relu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims(l1)?;
+        let x = f32s(s1, l1)?;
+        let r = f32s(s2, l2)?;
+        let p = f32s(s3, l3)?;
+        if r.len() != x.len() || p.len() != 4 * c {
+            candle_core::bail!("bn-add-bn-relu: residual or parameters do not match the input");
+        }
+        let (scale, shift) = fold(&self.stats, &p[..c], &p[c..2 * c], self.eps);
+        let (r_scale, r_shift) = fold(&self.r_stats, &p[2 * c..3 * c], &p[3 * c..], self.eps);
+        let mut y = vec![0f32; x.len()];
+        let sample = (c * hw).max(1);
+        y.par_chunks_mut(sample)
+            .zip(x.par_chunks(sample).zip(r.par_chunks(sample)))
+            .for_each(|(dst, (xs, rs))| {
+                let planes = dst
+                    .chunks_mut(hw.max(1))
+                    .zip(xs.chunks(hw.max(1)).zip(rs.chunks(hw.max(1))));
+                for (ch, (d, (xp, rp))) in planes.enumerate() {
+                    let (a, b, ra, rb) = (scale[ch], shift[ch], r_scale[ch], r_shift[ch]);
+                    for (d, (&v, &rv)) in d.iter_mut().zip(xp.iter().zip(rp)) {
+                        *d = (v * a + b + (rv * ra + rb)).max(0.0);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        p: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = p.dim(0)? / 4;
+        let numel = x.elem_count();
+        let grad = BnAddBnReluGrad {
+            eps: self.eps,
+            stats: self.stats.clone(),
+            r_stats: self.r_stats.clone(),
+            p: p.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            y: res.contiguous()?,
+        };
+        let packed = x.apply_op3_no_bwd(r, &dy.contiguous()?, &grad)?;
+        let m = numel + 2 * c;
+        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+        let dr = packed.narrow(0, m, numel)?.reshape(r.shape())?;
+        let dp = Tensor::cat(
+            &[
+                packed.narrow(0, numel, 2 * c)?,
+                packed.narrow(0, m + numel, 2 * c)?,
+            ],
+            0,
+        )?;
+        Ok((Some(dx), Some(dr), Some(dp)))
+    }
+}
+
+struct BnAddBnReluGrad {
+    eps: f64,
+    stats: Stats64,
+    r_stats: Stats64,
+    p: Vec<f32>,
+    /// The forward's output (the ReLU's mask), read in place: a fourth input, which a custom
+    /// op cannot take.
+    y: Tensor,
+}
+
+impl CustomOp3 for BnAddBnReluGrad {
+    fn name(&self) -> &'static str {
+        "selfsup-bn-add-bn-relu-grad"
+    }
+    /// Inputs `(x, r, dy)`; output `dx | dw | db | dr | dr_w | dr_b`.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = dims(l1)?;
+        let x = f32s(s1, l1)?;
+        let r = f32s(s2, l2)?;
+        let dy = f32s(s3, l3)?;
+        let (ys, yl) = self.y.storage_and_layout();
+        let y = match &*ys {
+            Storage::Cpu(s) => f32s(s, yl)?,
+            _ => candle_core::bail!("bn-add-bn-relu: output not on the CPU"),
+        };
+        if r.len() != x.len() || dy.len() != x.len() || y.len() != x.len() {
+            candle_core::bail!("bn-add-bn-relu grad: inputs of different sizes");
+        }
+        let m = x.len() + 2 * c;
+        let mut out = vec![0f32; 2 * m];
+        let (ox, or) = out.split_at_mut(m);
+        let (w, rw) = (&self.p[..c], &self.p[2 * c..3 * c]);
+        let d = (n, c, hw);
+        bn_backward(x, dy, Some(y), d, &self.stats, w, self.eps, ox, false);
+        bn_backward(r, dy, Some(y), d, &self.r_stats, rw, self.eps, or, false);
+        Ok((CpuStorage::F32(out), Shape::from(2 * m)))
+    }
+}
+
+/// What [`batch_norm_add_bn_relu_train`] returns: the output and both inputs' batch statistics.
+#[derive(Clone, Debug)]
+pub struct BnAddBnReluOutput {
+    /// `relu(bn(x) + bn_r(residual))`.
+    pub y: Tensor,
+    /// `x`'s batch statistics.
+    pub x: BnStats,
+    /// The residual's batch statistics.
+    pub residual: BnStats,
+}
+
+/// Batch mean and biased variance per channel, `(C,)`, `f32`, without gradient.
+#[derive(Clone, Debug)]
+pub struct BnStats {
+    /// Mean.
+    pub mean: Tensor,
+    /// Biased variance.
+    pub var: Tensor,
+}
+
+/// `relu(bn(x) + bn_r(residual))` in training mode, two BatchNorms with their own parameters
+/// (a ResNet block whose shortcut is a strided 1x1 convolution and a BatchNorm) as one op: f32
+/// on the CPU, differentiable in all six inputs; it keeps only its output, never the
+/// normalised shortcut.
+pub fn batch_norm_add_bn_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    r_weight: &Tensor,
+    r_bias: &Tensor,
+    eps: f64,
+) -> Result<BnAddBnReluOutput> {
+    let x = x.contiguous()?;
+    let residual = residual.contiguous()?;
+    let c = x.dim(1)?;
+    if residual.dims() != x.dims()
+        || [weight, bias, r_weight, r_bias]
+            .iter()
+            .any(|t| t.dims() != [c])
+    {
+        candle_core::bail!(
+            "bn-add-bn-relu: residual {:?} or parameters do not match input {:?}",
+            residual.dims(),
+            x.dims()
+        );
+    }
+    let (st, stats) = stats_of(&x)?;
+    let (rst, r_stats) = stats_of(&residual)?;
+    let p = Tensor::cat(&[weight, bias, r_weight, r_bias], 0)?;
+    let y = x.apply_op3(
+        &residual,
+        &p,
+        BnAddBnRelu {
+            eps,
+            stats,
+            r_stats,
+        },
+    )?;
+    Ok(BnAddBnReluOutput {
+        y,
+        x: BnStats {
+            mean: st.get(0)?,
+            var: st.get(1)?,
+        },
+        residual: BnStats {
+            mean: rst.get(0)?,
+            var: rst.get(1)?,
+        },
+    })
+}
+
 /// `y = x * scale[c] + shift[c]` over `(N, C, hw)`, then `max(0, y)` with `relu`; samples in
 /// parallel.
-fn apply_scale_shift(
+pub(crate) fn apply_scale_shift(
     x: &[f32],
     c: usize,
     hw: usize,

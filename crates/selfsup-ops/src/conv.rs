@@ -116,7 +116,7 @@ fn transposed<T>(p: *const T, cols: usize) -> Mat<T> {
     }
 }
 
-fn conv_fwd<T: Float>(x: &[T], w: &[T], g: Geometry, o: usize) -> Vec<T> {
+pub(crate) fn conv_fwd<T: Float>(x: &[T], w: &[T], g: Geometry, o: usize) -> Vec<T> {
     let (rows, l) = (g.rows(), g.oh() * g.ow());
     let cs = chunk_samples(g);
     let mut y = vec![T::default(); g.n * o * l];
@@ -173,25 +173,34 @@ impl<T> Shared<T> {
     }
 }
 
-/// `(dx, dw)`: `dx` empty when not wanted.
-fn conv_bwd<T: Float>(
+/// `dx` then `dw` in one buffer (`dx` left out when not wanted), allocated once at its final
+/// size: growing a `dx`-sized vector by `dw` would reallocate and copy it, holding up to three
+/// input-sized buffers at once.
+fn conv_bwd<T: Float>(x: &[T], w: &[T], dy: &[T], g: Geometry, o: usize, need_dx: bool) -> Vec<T> {
+    let nx = if need_dx { g.n * g.c * g.h * g.w } else { 0 };
+    let mut out = vec![T::default(); nx + o * g.rows()];
+    let (dx, dw) = out.split_at_mut(nx);
+    conv_bwd_into(x, w, dy, g, o, need_dx.then_some(dx), dw);
+    out
+}
+
+/// The convolution's backward: `dx` (`(N, C, H, W)`, when given; must be zero, the columns
+/// are added into it) and `dw` (`(O, C k k)`, overwritten).
+pub(crate) fn conv_bwd_into<T: Float>(
     x: &[T],
     w: &[T],
     dy: &[T],
     g: Geometry,
     o: usize,
-    need_dx: bool,
-) -> (Vec<T>, Vec<T>) {
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+) {
     let (rows, l) = (g.rows(), g.oh() * g.ow());
     let plane = g.c * g.h * g.w;
     let cs = chunk_samples(g);
     let chunks = g.n.div_ceil(cs);
-    let mut dx = if need_dx {
-        vec![T::default(); g.n * plane]
-    } else {
-        Vec::new()
-    };
-    let dxp = Shared(dx.as_mut_ptr());
+    let need_dx = dx.is_some();
+    let dxp = Shared(dx.map_or(std::ptr::null_mut(), |d| d.as_mut_ptr()));
     // A contiguous run of chunks per thread; each thread sums its own dW.
     let threads = rayon::current_num_threads().clamp(1, chunks.max(1));
     let per = chunks.div_ceil(threads);
@@ -255,13 +264,12 @@ fn conv_bwd<T: Float>(
             dw
         })
         .collect();
-    let mut dw = vec![T::default(); o * rows];
+    dw.fill(T::default());
     for p in &partials {
         for (d, &v) in dw.iter_mut().zip(p) {
             *d += v;
         }
     }
-    (dx, dw)
 }
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
@@ -325,9 +333,7 @@ struct ConvGrad {
 
 impl ConvGrad {
     fn run<T: Float>(&self, x: &[T], w: &[T], dy: &[T], o: usize) -> Vec<T> {
-        let (mut dx, dw) = conv_bwd(x, w, dy, self.g, o, self.need_dx);
-        dx.extend_from_slice(&dw);
-        dx
+        conv_bwd(x, w, dy, self.g, o, self.need_dx)
     }
 }
 

@@ -13,7 +13,12 @@
 //!   keeping them, and skips the input gradient when the input needs none (the image batch).
 //! - [`batch_norm_train`] (optionally with the ReLU) and [`batch_norm_add_relu_train`]
 //!   (`relu(bn(x) + residual)`, a ResNet block's tail): statistics computed once, in `f64`,
-//!   shared by forward and backward; [`scale_shift`] is eval-mode BatchNorm(+ReLU).
+//!   shared by forward and backward; [`batch_norm_add_bn_relu_train`] is the tail of a block
+//!   with a projection shortcut (`relu(bn(x) + bn_r(r))`, the normalised shortcut never
+//!   stored); [`scale_shift`] is eval-mode BatchNorm(+ReLU).
+//! - [`batch_norm_relu_conv2d`]: `conv2d(relu(bn(x)))` (the middle of a ResNet block) as one
+//!   op that keeps only its input and output; the rectified tensor is recomputed in the
+//!   backward (one element-wise pass), which saves an activation-sized tensor per block.
 //! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
 //!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
 //!
@@ -21,13 +26,16 @@
 #![warn(missing_docs)]
 
 mod batch_norm;
+mod bn_conv;
 mod conv;
 mod im2col;
 mod pool;
 mod util;
 
 pub use batch_norm::{
-    batch_norm_add_relu_train, batch_norm_train, channel_stats, scale_shift, BnTrainOutput,
+    batch_norm_add_bn_relu_train, batch_norm_add_relu_train, batch_norm_train, channel_stats,
+    scale_shift, BnAddBnReluOutput, BnStats, BnTrainOutput,
 };
+pub use bn_conv::batch_norm_relu_conv2d;
 pub use im2col::{col2im, conv2d, im2col, Geometry};
 pub use pool::max_pool2d;

@@ -208,3 +208,75 @@ fn fused_bn_add_relu_matches_composed_ops() {
     let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
     assert!(selfsup_ops::batch_norm_add_relu_train(&x, &w, &w, &wrong, 1e-5).is_err());
 }
+
+#[test]
+fn fused_bn_add_bn_relu_matches_composed_ops() {
+    let dev = Device::Cpu;
+    for shape in [vec![4usize, 3, 5, 7], vec![2, 16, 8, 8], vec![1, 4, 3, 3]] {
+        let c = shape[1];
+        let var = |mean: f32, std: f32, s: &[usize]| {
+            Var::from_tensor(&Tensor::randn(mean, std, s, &dev).unwrap()).unwrap()
+        };
+        let (x, r) = (var(1., 2., &shape), var(-0.5, 1., &shape));
+        let (w, b) = (var(1., 0.2, &[c]), var(0., 0.2, &[c]));
+        let (rw, rb) = (var(1., 0.2, &[c]), var(0., 0.2, &[c]));
+        let out = selfsup_ops::batch_norm_add_bn_relu_train(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            r.as_tensor(),
+            rw.as_tensor(),
+            rb.as_tensor(),
+            1e-5,
+        )
+        .unwrap();
+        let theirs = (reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+            + reference(r.as_tensor(), rw.as_tensor(), rb.as_tensor(), 1e-5))
+        .unwrap()
+        .relu()
+        .unwrap();
+        assert!(max_rel(&out.y, &theirs) < 1e-4, "{shape:?} forward");
+        for (t, st) in [(&x, &out.x), (&r, &out.residual)] {
+            let dims: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+            let mean = t.as_tensor().mean_keepdim(dims.as_slice()).unwrap();
+            let v = t.as_tensor().broadcast_sub(&mean).unwrap().sqr().unwrap();
+            let v = v
+                .mean_keepdim(dims.as_slice())
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            assert!(max_rel(&st.mean, &mean.flatten_all().unwrap()) < 1e-5);
+            assert!(max_rel(&st.var, &v) < 1e-5);
+        }
+        let m = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+        let g1 = (out.y * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &m)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [
+            (&x, "x"),
+            (&w, "weight"),
+            (&b, "bias"),
+            (&r, "residual"),
+            (&rw, "residual weight"),
+            (&rb, "residual bias"),
+        ] {
+            let d = max_rel(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-3, "{shape:?}: d{name} differs by {d}");
+        }
+    }
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev).unwrap();
+    let w = Tensor::ones(3, DType::F32, &dev).unwrap();
+    let w4 = Tensor::ones(4, DType::F32, &dev).unwrap();
+    let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
+    let f = selfsup_ops::batch_norm_add_bn_relu_train;
+    assert!(f(&x, &w, &w, &wrong, &w, &w, 1e-5).is_err());
+    assert!(f(&x, &w, &w, &x, &w4, &w, 1e-5).is_err());
+    assert!(f(&x, &w, &w, &x, &w, &w, 1e-5).is_ok());
+}
