@@ -251,6 +251,29 @@ impl BatchNorm {
         self.forward_add_relu(x, &r, train)
     }
 
+    /// `max_pool2d(relu(bn(x)))` (small-cnn's layers, the ImageNet stem): in training mode on
+    /// the CPU one op that recomputes `relu(bn(x))` in its backward instead of keeping it
+    /// (`selfsup_ops::batch_norm_relu_max_pool2d`); composed elsewhere.
+    pub fn forward_relu_max_pool(
+        &self,
+        x: &Tensor,
+        train: bool,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
+            if x.rank() == 4 && 2 * padding <= k {
+                self.check_input(x, true)?;
+                let out =
+                    selfsup_ops::batch_norm_relu_max_pool2d(x, w, b, self.eps, k, stride, padding)?;
+                self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
+                return Ok(out.y);
+            }
+        }
+        max_pool2d(&self.forward_act(x, train, true)?, k, stride, padding)
+    }
+
     /// `conv(relu(bn(x)))` (the middle of a ResNet block): in training mode on the CPU one op
     /// that recomputes `relu(bn(x))` in its backward instead of keeping it
     /// (`selfsup_ops::batch_norm_relu_conv2d`, an activation-sized tensor less per use);
@@ -393,15 +416,18 @@ impl BatchNorm {
 /// gradient for every configuration.
 ///
 /// On the CPU in f32 this is selfsup-ops' kernel (ties: the gradient goes to the first maximum,
-/// as in PyTorch). Elsewhere: candle 0.11's `max_pool2d` has a backward pass only when kernel ==
-/// stride and no padding; other configurations (the ImageNet stem's 3x3 / stride 2 / padding 1) are computed here as
-/// the maximum of `k * k` strided views of the padded input, which candle differentiates.
+/// as in PyTorch). Elsewhere it is the maximum of `k * k` strided views of the padded input,
+/// which candle differentiates correctly (ties split the gradient): candle 0.11's own
+/// `max_pool2d` has a backward only when kernel == stride without padding, and that backward
+/// divides the gradient by `k^2`, so it is used only for inputs that need no gradient.
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && 2 * padding <= k {
         // One op with an explicit backward (selfsup-ops).
         return Ok(selfsup_ops::max_pool2d(x, k, stride, padding)?);
     }
-    if k == stride && padding == 0 {
+    if k == stride && padding == 0 && !x.track_op() {
+        // candle's forward is right; its gradient is not (divided by k^2, see the ops crate's
+        // pool tests), so it serves only inputs that need none.
         return Ok(x.max_pool2d(k)?);
     }
     let (n, c, h, w) = x.dims4()?;

@@ -5,7 +5,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm, conv2d_kaiming, global_avg_pool, max_pool2d, BatchNorm, Conv2d};
+use crate::layers::{batch_norm, conv2d_kaiming, global_avg_pool, BatchNorm, Conv2d};
 use crate::{Encoder, Error, Result};
 
 /// The first layers.
@@ -154,10 +154,11 @@ impl ResNet {
 
 impl Encoder for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
-        if self.stem == Stem::Imagenet {
-            y = max_pool2d(&y, 3, 2, 1)?;
-        }
+        let z = self.conv1.forward(x)?;
+        let mut y = match self.stem {
+            Stem::Cifar => self.bn1.forward_act(&z, train, true)?,
+            Stem::Imagenet => self.bn1.forward_relu_max_pool(&z, train, 3, 2, 1)?,
+        };
         for b in &self.blocks {
             y = b.forward_t(&y, train)?;
         }

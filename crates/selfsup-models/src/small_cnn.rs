@@ -7,7 +7,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm, conv2d, global_avg_pool, max_pool2d, BatchNorm, Conv2d};
+use crate::layers::{batch_norm, conv2d, global_avg_pool, BatchNorm, Conv2d};
 use crate::{Encoder, Result};
 
 /// Channel widths of the four layers.
@@ -38,10 +38,13 @@ impl Encoder for SmallCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
-            x = bn.forward_act(&conv.forward(&x)?, train, true)?;
-            if i < 3 {
-                x = max_pool2d(&x, 2, 2, 0)?;
-            }
+            let z = conv.forward(&x)?;
+            x = if i < 3 {
+                // One op on the CPU that keeps no copy of the rectified tensor.
+                bn.forward_relu_max_pool(&z, train, 2, 2, 0)?
+            } else {
+                bn.forward_act(&z, train, true)?
+            };
         }
         global_avg_pool(&x)
     }

@@ -463,11 +463,17 @@ fn eval_batch_norm_fused_matches_the_formula_values_and_gradients() {
 
 #[test]
 fn fused_resnet_gradients_match_the_composed_f64_path() {
-    // f32 on the CPU takes the fused block ops (bn-relu-conv, bn-add-relu, bn-add-bn-relu); f64
-    // takes candle's composed BatchNorm and ReLU. Same seed, same input: every parameter's
-    // gradient and every running statistic must agree. Bottleneck blocks (resnet50) have two
-    // bn-relu-conv ops each; both depths have projection shortcuts.
-    for kind in ["resnet18-cifar-w0.125", "resnet50-cifar-w0.0625"] {
+    // f32 on the CPU takes the fused ops (bn-relu-conv, bn-add-relu, bn-add-bn-relu,
+    // bn-relu-max-pool); f64 takes candle's composed BatchNorm and ReLU and the separate max
+    // pool. Same seed, same input: every parameter's gradient and every running statistic must
+    // agree. Bottleneck blocks (resnet50) have two bn-relu-conv ops each; all ResNets have
+    // projection shortcuts; small-cnn and the ImageNet stem end layers in a max pool.
+    for kind in [
+        "resnet18-cifar-w0.125",
+        "resnet18-imagenet-w0.125",
+        "resnet50-cifar-w0.0625",
+        "small-cnn",
+    ] {
         let kind: EncoderKind = kind.parse().unwrap();
         let build = |dtype| {
             let vm = VarMap::new();
@@ -505,6 +511,6 @@ fn fused_resnet_gradients_match_the_composed_f64_path() {
             assert!(d < 1e-3, "{kind:?} {name}: gradient differs by {d}");
             checked += 1;
         }
-        assert!(checked > 40, "only {checked} gradients compared");
+        assert!(checked >= 12, "only {checked} gradients compared");
     }
 }

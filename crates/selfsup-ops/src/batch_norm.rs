@@ -99,6 +99,23 @@ pub(crate) fn fold(st: &[(f64, f64)], w: &[f32], b: &[f32], eps: f64) -> (Vec<f3
         .unzip()
 }
 
+/// `relu(bn(x))` with the statistics folded into `scale`/`shift`.
+pub(crate) fn rectified(
+    x: &[f32],
+    l: &Layout,
+    st: &[(f64, f64)],
+    wb: &[f32],
+    eps: f64,
+) -> Result<Vec<f32>> {
+    let (_, c, hw) = dims(l)?;
+    if wb.len() != 2 * c || st.len() != c {
+        candle_core::bail!("batch norm: expected {c} weights and biases");
+    }
+    let (w, b) = wb.split_at(c);
+    let (scale, shift) = fold(st, w, b, eps);
+    Ok(apply_scale_shift(x, c, hw, &scale, &shift, true))
+}
+
 struct BnTrain {
     eps: f64,
     relu: bool,

@@ -16,9 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::batch_norm::{
-    apply_scale_shift, bn_backward, dims, f32s, fold, stats_of, BnTrainOutput, Stats64,
-};
+use crate::batch_norm::{bn_backward, dims, f32s, rectified, stats_of, BnTrainOutput, Stats64};
 use crate::conv::{conv_bwd_into, conv_fwd};
 use crate::im2col::Geometry;
 
@@ -27,17 +25,6 @@ struct BnReluConv {
     g: Geometry,
     eps: f64,
     stats: Stats64,
-}
-
-/// `relu(bn(x))` with the statistics folded into `scale`/`shift`.
-fn rectified(x: &[f32], l: &Layout, st: &[(f64, f64)], wb: &[f32], eps: f64) -> Result<Vec<f32>> {
-    let (_, c, hw) = dims(l)?;
-    if wb.len() != 2 * c || st.len() != c {
-        candle_core::bail!("bn-relu-conv: expected {c} BatchNorm weights and biases");
-    }
-    let (w, b) = wb.split_at(c);
-    let (scale, shift) = fold(st, w, b, eps);
-    Ok(apply_scale_shift(x, c, hw, &scale, &shift, true))
 }
 
 impl CustomOp3 for BnReluConv {

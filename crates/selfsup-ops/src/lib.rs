@@ -19,6 +19,8 @@
 //! - [`batch_norm_relu_conv2d`]: `conv2d(relu(bn(x)))` (the middle of a ResNet block) as one
 //!   op that keeps only its input and output; the rectified tensor is recomputed in the
 //!   backward (one element-wise pass), which saves an activation-sized tensor per block.
+//! - [`batch_norm_relu_max_pool2d`]: `max_pool2d(relu(bn(x)))` (small-cnn's layers) likewise:
+//!   the rectified tensor, four times the pooled one, is recomputed instead of stored.
 //! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
 //!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
 //!
@@ -27,6 +29,7 @@
 
 mod batch_norm;
 mod bn_conv;
+mod bn_pool;
 mod conv;
 mod im2col;
 mod pool;
@@ -37,5 +40,6 @@ pub use batch_norm::{
     scale_shift, BnAddBnReluOutput, BnStats, BnTrainOutput,
 };
 pub use bn_conv::batch_norm_relu_conv2d;
+pub use bn_pool::batch_norm_relu_max_pool2d;
 pub use im2col::{col2im, conv2d, im2col, Geometry};
 pub use pool::max_pool2d;

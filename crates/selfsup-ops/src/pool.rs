@@ -13,19 +13,19 @@ use rayon::prelude::*;
 
 /// Window geometry of a square max pool over `(N, C, H, W)`.
 #[derive(Clone, Copy, Debug)]
-struct Pool {
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(crate) struct Pool {
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
 }
 
 impl Pool {
-    fn oh(&self) -> usize {
+    pub(crate) fn oh(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn ow(&self) -> usize {
+    pub(crate) fn ow(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
     /// The in-bounds rows (or columns) `[lo, hi)` of output row `o` along a side of `len`.
@@ -53,6 +53,60 @@ impl Pool {
     }
 }
 
+/// Max pooling of the `(h, w)` planes of `x`, planes in parallel.
+pub(crate) fn pool_fwd(x: &[f32], p: Pool) -> Vec<f32> {
+    let (oh, ow) = (p.oh(), p.ow());
+    let mut y = vec![0f32; x.len() / (p.h * p.w) * oh * ow];
+    y.par_chunks_mut(oh * ow)
+        .zip(x.par_chunks(p.h * p.w))
+        .for_each(|(out, plane)| {
+            if p.k == 2 && p.stride == 2 && p.pad == 0 {
+                // The common case, without the general window bookkeeping.
+                for oy in 0..oh {
+                    let r0 = &plane[2 * oy * p.w..];
+                    let r1 = &plane[(2 * oy + 1) * p.w..];
+                    for ox in 0..ow {
+                        let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
+                        let (cc, d) = (r1[2 * ox], r1[2 * ox + 1]);
+                        out[oy * ow + ox] = a.max(b).max(cc.max(d));
+                    }
+                }
+                if plane.iter().any(|v| v.is_nan()) {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
+                        }
+                    }
+                }
+            } else {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// The gradient of each output added into `dx` at its window's first maximum in `x`.
+pub(crate) fn pool_bwd_into(x: &[f32], dy: &[f32], p: Pool, dx: &mut [f32]) {
+    let (oh, ow) = (p.oh(), p.ow());
+    dx.par_chunks_mut(p.h * p.w)
+        .zip(x.par_chunks(p.h * p.w))
+        .zip(dy.par_chunks(oh * ow))
+        .for_each(|((d, plane), g)| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (i, _) = p.argmax(plane, oy, ox);
+                    if i != usize::MAX {
+                        d[i] += g[oy * ow + ox];
+                    }
+                }
+            }
+        });
+}
+
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     crate::util::f32s(s, l, "max pool")
 }
@@ -68,36 +122,7 @@ impl CustomOp1 for MaxPool {
         let (n, c) = (l.dims()[0], l.dims()[1]);
         let x = f32s(s, l)?;
         let (oh, ow) = (p.oh(), p.ow());
-        let mut y = vec![0f32; n * c * oh * ow];
-        y.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(p.h * p.w))
-            .for_each(|(out, plane)| {
-                if p.k == 2 && p.stride == 2 && p.pad == 0 {
-                    // The common case, without the general window bookkeeping.
-                    for oy in 0..oh {
-                        let r0 = &plane[2 * oy * p.w..];
-                        let r1 = &plane[(2 * oy + 1) * p.w..];
-                        for ox in 0..ow {
-                            let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
-                            let (cc, d) = (r1[2 * ox], r1[2 * ox + 1]);
-                            out[oy * ow + ox] = a.max(b).max(cc.max(d));
-                        }
-                    }
-                    if plane.iter().any(|v| v.is_nan()) {
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
-                            }
-                        }
-                    }
-                } else {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
-                        }
-                    }
-                }
-            });
+        let y = pool_fwd(x, p);
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -124,21 +149,8 @@ impl candle_core::CustomOp2 for MaxPoolGrad {
         let p = self.0;
         let x = f32s(s1, l1)?;
         let dy = f32s(s2, l2)?;
-        let (oh, ow) = (p.oh(), p.ow());
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(p.h * p.w)
-            .zip(x.par_chunks(p.h * p.w))
-            .zip(dy.par_chunks(oh * ow))
-            .for_each(|((d, plane), g)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (i, _) = p.argmax(plane, oy, ox);
-                        if i != usize::MAX {
-                            d[i] += g[oy * ow + ox];
-                        }
-                    }
-                }
-            });
+        pool_bwd_into(x, dy, p, &mut dx);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -1,0 +1,97 @@
+//! `batch_norm_relu_max_pool2d` agrees with the same three layers as separate ops (BatchNorm
+//! from candle's primitive ops, `relu`, our `max_pool2d`, itself checked against direct loops
+//! and candle in `pool.rs`; candle's own max-pool gradient is wrong by 1/k^2): values,
+//! gradients of all three inputs and the batch statistics, over many shapes; and its errors.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+    let d = d.max(0).unwrap().to_dtype(DType::F64).unwrap();
+    let s = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let s = s.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    d.to_scalar::<f64>().unwrap() / s.max(1e-6)
+}
+
+/// Training-mode BatchNorm + ReLU from candle's primitive ops, then our max pool; also the
+/// batch mean and biased variance.
+fn reference(x: &Tensor, w: &Tensor, b: &Tensor, k: usize, s: usize, p: usize) -> [Tensor; 3] {
+    let c = x.dim(1).unwrap();
+    let shape = (1, c, 1, 1);
+    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap();
+    let mean = mean.mean_keepdim(3).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(0).unwrap();
+    let var = var.mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+    let h = xc
+        .broadcast_div(&(&var + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&w.reshape(shape).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(shape).unwrap())
+        .unwrap()
+        .relu()
+        .unwrap();
+    let y = selfsup_ops::max_pool2d(&h, k, s, p).unwrap();
+    [y, mean.flatten_all().unwrap(), var.flatten_all().unwrap()]
+}
+
+#[test]
+fn bn_relu_max_pool_matches_separate_ops() {
+    let dev = Device::Cpu;
+    let mut cases = 0;
+    for &(n, c, h, wd) in &[(1, 3, 8, 8), (3, 5, 9, 7), (2, 64, 8, 8), (4, 32, 16, 16)] {
+        for (k, stride, pad) in [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)] {
+            let what = format!("n{n} c{c} {h}x{wd} k{k} s{stride} p{pad}");
+            // An offset mean, so that the ReLU cuts in different places per channel.
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 2., (n, c, h, wd), &dev).unwrap() + 1.0).unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev).unwrap()).unwrap();
+            let (x_, w_, b_) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let ours =
+                selfsup_ops::batch_norm_relu_max_pool2d(x_, w_, b_, 1e-5, k, stride, pad).unwrap();
+            let [theirs, mean, var] = reference(x_, w_, b_, k, stride, pad);
+            assert_eq!(ours.y.dims(), theirs.dims(), "{what}");
+            assert!(max_rel(&ours.y, &theirs) < 1e-5, "{what}: forward");
+            assert!(max_rel(&ours.mean, &mean) < 1e-5, "{what}: mean");
+            assert!(max_rel(&ours.var, &var) < 1e-5, "{what}: var");
+            let r = Tensor::randn(0f32, 1., theirs.shape(), &dev).unwrap();
+            let g1 = (&ours.y * &r).unwrap().sum_all().unwrap();
+            let g1 = g1.backward().unwrap();
+            let g2 = (&theirs * &r).unwrap().sum_all().unwrap();
+            let g2 = g2.backward().unwrap();
+            for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
+                let d = max_rel(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-4, "{what}: d{name} differs by {d}");
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 16);
+}
+
+#[test]
+fn bn_relu_max_pool_rejects_bad_input() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (2, 4, 6, 6), &dev).unwrap();
+    let w = Tensor::ones(4, DType::F32, &dev).unwrap();
+    let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let f = selfsup_ops::batch_norm_relu_max_pool2d;
+    assert!(f(&x, &w, &b, 1e-5, 2, 2, 0).is_ok());
+    let w3 = Tensor::ones(3, DType::F32, &dev).unwrap();
+    assert!(f(&x, &w3, &w3, 1e-5, 2, 2, 0).is_err());
+    // A window larger than the padded input, a zero stride, padding over half the window.
+    assert!(f(&x, &w, &b, 1e-5, 9, 1, 1).is_err());
+    assert!(f(&x, &w, &b, 1e-5, 2, 0, 0).is_err());
+    assert!(f(&x, &w, &b, 1e-5, 2, 2, 2).is_err());
+    // f64: the op is f32 only.
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let w64 = w.to_dtype(DType::F64).unwrap();
+    assert!(f(&x64, &w64, &w64, 1e-5, 2, 2, 0).is_err());
+}
