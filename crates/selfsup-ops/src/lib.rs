@@ -23,10 +23,12 @@
 //!   the rectified tensor, four times the pooled one, is recomputed instead of stored.
 //! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
 //!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
+//! - [`global_avg_pool`]: `(N, C, H, W) -> (N, C)` in one pass, its backward in another.
 //!
 //! All are f32 on the CPU (the convolution also f64); callers fall back to candle's ops elsewhere.
 #![warn(missing_docs)]
 
+mod avg_pool;
 mod batch_norm;
 mod bn_conv;
 mod bn_pool;
@@ -35,6 +37,7 @@ mod im2col;
 mod pool;
 mod util;
 
+pub use avg_pool::global_avg_pool;
 pub use batch_norm::{
     batch_norm_add_bn_relu_train, batch_norm_add_relu_train, batch_norm_train, channel_stats,
     scale_shift, BnAddBnReluOutput, BnStats, BnTrainOutput,

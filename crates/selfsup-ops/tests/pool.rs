@@ -1,5 +1,6 @@
 //! The max pool agrees with candle's (kernel == stride) and with a direct loop (any window,
-//! stride, padding), values and gradients; ties send the gradient to the first maximum.
+//! stride, padding), values and gradients; ties send the gradient to the first maximum. The global
+//! average pool agrees with candle's two means, values and gradients.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -148,4 +149,35 @@ fn bad_geometry_is_an_error() {
     assert!(selfsup_ops::max_pool2d(&x, 7, 1, 0).is_err());
     let ints = Tensor::zeros((1, 1, 4, 4), candle_core::DType::U8, &Device::Cpu).unwrap();
     assert!(selfsup_ops::max_pool2d(&ints, 2, 2, 0).is_err());
+}
+
+#[test]
+fn global_avg_pool_matches_candle_values_and_gradients() {
+    let dev = Device::Cpu;
+    for shape in [(1, 1, 1, 1), (2, 3, 4, 4), (3, 64, 5, 7), (512, 256, 4, 4)] {
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2., shape, &dev).unwrap()).unwrap();
+        let ours = selfsup_ops::global_avg_pool(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().mean(3).unwrap().mean(2).unwrap();
+        assert_eq!(ours.dims(), &[shape.0, shape.1]);
+        let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{shape:?}");
+        let r = Tensor::randn(0f32, 1., ours.shape(), &dev).unwrap();
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{shape:?} gradient");
+    }
+    let flat = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
+    assert!(selfsup_ops::global_avg_pool(&flat).is_err());
+    let empty = Tensor::zeros((2, 3, 0, 4), candle_core::DType::F32, &dev).unwrap();
+    assert!(selfsup_ops::global_avg_pool(&empty).is_err());
 }
