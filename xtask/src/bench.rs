@@ -349,7 +349,7 @@ fn infer(model: &str, batch: usize, steps: usize) -> Result<f64> {
     let mut times = Vec::new();
     for i in 0..=steps {
         let t = Instant::now();
-        let f = enc.forward_t(&x, false)?.detach();
+        let f = enc.features(&x)?;
         let _ = f.sum_all()?.to_scalar::<f32>()?;
         let dt = t.elapsed().as_secs_f64();
         println!(

@@ -798,10 +798,7 @@ fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
         &device,
     )?;
     let q = enc
-        .forward_t(
-            &neighbors::query_tensor(&query, &Normalize::cifar10())?.to_device(&device)?,
-            false,
-        )?
+        .features(&neighbors::query_tensor(&query, &Normalize::cifar10())?.to_device(&device)?)?
         .to_device(&Device::Cpu)?;
     let hits = neighbors::nearest(&bank, &q, a.k)?;
     neighbors::write_grid(&query, &train, &hits, 4, &a.out)?;

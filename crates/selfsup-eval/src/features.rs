@@ -30,10 +30,9 @@ pub fn extract_features(
         let x = b.views[0].to_device(device)?;
         xs.push(
             encoder
-                // Detach: outputs of a model with variables carry its graph; keeping 100 batches
-                // of graphs alive exhausted 24 GiB on CIFAR-10.
-                .forward_t(&x, false)?
-                .detach()
+                // Without a graph: outputs of a model with variables carry it; keeping 100
+                // batches of graphs alive exhausted 24 GiB on CIFAR-10.
+                .features(&x)?
                 .to_device(&Device::Cpu)?
                 .to_dtype(candle_core::DType::F32)?,
         );

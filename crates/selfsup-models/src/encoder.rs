@@ -13,6 +13,15 @@ use crate::{ConvnetSeed, Error, ResNet, ResNetConfig, Result, SmallCnn, Stem};
 pub trait Encoder: Send + Sync {
     /// Features of a batch.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// Eval-mode features for inference (kNN, linear probe, embedding export), with **no
+    /// gradient** to the input or the weights. candle has no no-grad mode: an eval forward
+    /// through weights that are variables records a graph that keeps every activation alive
+    /// until the output is dropped. Implementations detach between layers, so each layer's
+    /// activations are freed as soon as the next one has run. Values equal
+    /// `forward_t(x, false)`.
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_t(x, false)?.detach())
+    }
     /// `D`, the feature dimension.
     fn feature_dim(&self) -> usize;
 }

@@ -212,6 +212,15 @@ impl BatchNorm {
             self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
             return Ok(out.y);
         }
+        if self.eval_fused(x, train) && residual.dims() == x.dims() {
+            // relu(bn(x) + residual) in one pass (selfsup-ops).
+            self.check_input(x, false)?;
+            let (s, b) = self.eval_scale_shift(x.dtype())?;
+            let (one, zero) = (s.ones_like()?, s.zeros_like()?);
+            return Ok(selfsup_ops::scale_shift_add_relu(
+                x, &s, &b, residual, &one, &zero,
+            )?);
+        }
         Ok((self.forward_t(x, train)? + residual)?.relu()?)
     }
 
@@ -246,6 +255,16 @@ impl BatchNorm {
                 )?;
                 return Ok(out.y);
             }
+        }
+        if self.eval_fused(x, train) && residual.dims() == x.dims() {
+            // relu(bn(x) + bn_r(residual)) in one pass (selfsup-ops).
+            self.check_input(x, false)?;
+            residual_bn.check_input(residual, false)?;
+            let (s, b) = self.eval_scale_shift(x.dtype())?;
+            let (rs, rb) = residual_bn.eval_scale_shift(x.dtype())?;
+            return Ok(selfsup_ops::scale_shift_add_relu(
+                x, &s, &b, residual, &rs, &rb,
+            )?);
         }
         let r = residual_bn.forward_t(residual, train)?;
         self.forward_add_relu(x, &r, train)
@@ -343,19 +362,7 @@ impl BatchNorm {
         if !train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
             // Eval mode on the CPU: running statistics and affine parameters folded into one
             // per-channel scale and shift, applied (with the ReLU) in one op (selfsup-ops).
-            let inv = (self.running_var.as_tensor().detach() + self.eps)?
-                .sqrt()?
-                .recip()?
-                .to_dtype(x.dtype())?;
-            let mean = self.running_mean.as_tensor().detach().to_dtype(x.dtype())?;
-            let (scale, shift) = match (&self.weight, &self.bias) {
-                (Some(w), Some(b)) => {
-                    let scale = (w * &inv)?;
-                    let shift = (b - (&mean * &scale)?)?;
-                    (scale, shift)
-                }
-                _ => (inv.clone(), (mean * &inv)?.neg()?),
-            };
+            let (scale, shift) = self.eval_scale_shift(x.dtype())?;
             return Ok((selfsup_ops::scale_shift(x, &scale, &shift, relu)?, true));
         }
         let (mean, var) = if train {
@@ -388,6 +395,29 @@ impl BatchNorm {
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
         Ok((self.affine(y, &shape)?, false))
+    }
+
+    /// Eval mode as `x * scale + shift`: the running statistics and affine parameters folded
+    /// into one scale and shift per channel (differentiable in the affine parameters).
+    fn eval_scale_shift(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        let inv = (self.running_var.as_tensor().detach() + self.eps)?
+            .sqrt()?
+            .recip()?
+            .to_dtype(dtype)?;
+        let mean = self.running_mean.as_tensor().detach().to_dtype(dtype)?;
+        Ok(match (&self.weight, &self.bias) {
+            (Some(w), Some(b)) => {
+                let scale = (w * &inv)?;
+                let shift = (b - (&mean * &scale)?)?;
+                (scale, shift)
+            }
+            _ => (inv.clone(), (mean * &inv)?.neg()?),
+        })
+    }
+
+    /// Eval mode on the CPU in f32: the fused scale/shift kernels apply.
+    fn eval_fused(&self, x: &Tensor, train: bool) -> bool {
+        !train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() >= 2
     }
 
     fn update_running(&self, mean: &Tensor, var_biased: &Tensor, n: usize) -> Result<()> {

@@ -152,17 +152,30 @@ impl ResNet {
     }
 }
 
-impl Encoder for ResNet {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl ResNet {
+    /// The forward; `detach` cuts the graph after the stem and every block (inference).
+    fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
+        let cut = |t: Tensor| if detach { t.detach() } else { t };
         let z = self.conv1.forward(x)?;
-        let mut y = match self.stem {
+        let mut y = cut(match self.stem {
             Stem::Cifar => self.bn1.forward_act(&z, train, true)?,
             Stem::Imagenet => self.bn1.forward_relu_max_pool(&z, train, 3, 2, 1)?,
-        };
+        });
+        drop(z);
         for b in &self.blocks {
-            y = b.forward_t(&y, train)?;
+            y = cut(b.forward_t(&y, train)?);
         }
-        global_avg_pool(&y)
+        Ok(cut(global_avg_pool(&y)?))
+    }
+}
+
+impl Encoder for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, false)
+    }
+
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false, true)
     }
 
     fn feature_dim(&self) -> usize {

@@ -34,8 +34,9 @@ impl SmallCnn {
     }
 }
 
-impl Encoder for SmallCnn {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl SmallCnn {
+    /// The forward; `detach` cuts the graph after every layer (inference).
+    fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
             let z = conv.forward(&x)?;
@@ -45,8 +46,22 @@ impl Encoder for SmallCnn {
             } else {
                 bn.forward_act(&z, train, true)?
             };
+            if detach {
+                x = x.detach();
+            }
         }
-        global_avg_pool(&x)
+        let y = global_avg_pool(&x)?;
+        Ok(if detach { y.detach() } else { y })
+    }
+}
+
+impl Encoder for SmallCnn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, false)
+    }
+
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false, true)
     }
 
     fn feature_dim(&self) -> usize {

@@ -514,3 +514,26 @@ fn fused_resnet_gradients_match_the_composed_f64_path() {
         assert!(checked >= 12, "only {checked} gradients compared");
     }
 }
+
+#[test]
+fn features_equal_the_eval_forward_without_a_graph() {
+    for kind in [
+        "small-cnn",
+        "resnet18-cifar-w0.125",
+        "resnet18-imagenet-w0.125",
+        "convnet-seed",
+    ] {
+        let kind: EncoderKind = kind.parse().unwrap();
+        let vm = VarMap::new();
+        let enc =
+            build_encoder(&kind, seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1., (3, 3, 32, 32), &Device::Cpu).unwrap();
+        // Move the running statistics away from their initial values first.
+        enc.forward_t(&x, true).unwrap();
+        let a = enc.forward_t(&x, false).unwrap();
+        let f = enc.features(&x).unwrap();
+        assert_eq!(max_abs_diff(&a, &f), 0.0, "{kind:?}");
+        assert!(a.track_op(), "{kind:?}: the eval forward keeps its graph");
+        assert!(!f.track_op(), "{kind:?}: features carry no graph");
+    }
+}

@@ -15,7 +15,8 @@
 //!   (`relu(bn(x) + residual)`, a ResNet block's tail): statistics computed once, in `f64`,
 //!   shared by forward and backward; [`batch_norm_add_bn_relu_train`] is the tail of a block
 //!   with a projection shortcut (`relu(bn(x) + bn_r(r))`, the normalised shortcut never
-//!   stored); [`scale_shift`] is eval-mode BatchNorm(+ReLU).
+//!   stored); [`scale_shift`] is eval-mode BatchNorm(+ReLU), [`scale_shift_add_relu`] an
+//!   eval-mode block tail.
 //! - [`batch_norm_relu_conv2d`]: `conv2d(relu(bn(x)))` (the middle of a ResNet block) as one
 //!   op that keeps only its input and output; the rectified tensor is recomputed in the
 //!   backward (one element-wise pass), which saves an activation-sized tensor per block.
@@ -40,7 +41,7 @@ mod util;
 pub use avg_pool::global_avg_pool;
 pub use batch_norm::{
     batch_norm_add_bn_relu_train, batch_norm_add_relu_train, batch_norm_train, channel_stats,
-    scale_shift, BnAddBnReluOutput, BnStats, BnTrainOutput,
+    scale_shift, scale_shift_add_relu, BnAddBnReluOutput, BnStats, BnTrainOutput,
 };
 pub use bn_conv::batch_norm_relu_conv2d;
 pub use bn_pool::batch_norm_relu_max_pool2d;

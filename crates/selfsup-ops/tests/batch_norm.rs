@@ -280,3 +280,74 @@ fn fused_bn_add_bn_relu_matches_composed_ops() {
     assert!(f(&x, &w, &w, &x, &w4, &w, 1e-5).is_err());
     assert!(f(&x, &w, &w, &x, &w, &w, 1e-5).is_ok());
 }
+
+#[test]
+fn scale_shift_add_relu_matches_composed_ops() {
+    let dev = Device::Cpu;
+    for shape in [
+        vec![4usize, 3, 5, 7],
+        vec![2, 16, 8, 8],
+        vec![1, 4, 3, 3],
+        vec![6, 5],
+    ] {
+        let c = shape[1];
+        let var = |mean: f32, std: f32, s: &[usize]| {
+            Var::from_tensor(&Tensor::randn(mean, std, s, &dev).unwrap()).unwrap()
+        };
+        let (x, r) = (var(0.5, 1., &shape), var(-0.2, 1., &shape));
+        let (s, b, rs, rb) = (
+            var(1., 0.3, &[c]),
+            var(0., 0.3, &[c]),
+            var(1., 0.3, &[c]),
+            var(0., 0.3, &[c]),
+        );
+        let t = |v: &Var| v.as_tensor().clone();
+        let ours =
+            selfsup_ops::scale_shift_add_relu(&t(&x), &t(&s), &t(&b), &t(&r), &t(&rs), &t(&rb))
+                .unwrap();
+        let mut pshape = vec![1; shape.len()];
+        pshape[1] = c;
+        let bc = |v: &Var| t(v).reshape(pshape.as_slice()).unwrap();
+        let theirs = (t(&x)
+            .broadcast_mul(&bc(&s))
+            .unwrap()
+            .broadcast_add(&bc(&b))
+            .unwrap()
+            + t(&r)
+                .broadcast_mul(&bc(&rs))
+                .unwrap()
+                .broadcast_add(&bc(&rb))
+                .unwrap())
+        .unwrap()
+        .relu()
+        .unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-6, "{shape:?} forward");
+        let m = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+        let g1 = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &m)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, name) in [
+            (&x, "x"),
+            (&r, "residual"),
+            (&s, "scale"),
+            (&b, "shift"),
+            (&rs, "r_scale"),
+            (&rb, "r_shift"),
+        ] {
+            let d = max_rel(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "{shape:?}: d{name} differs by {d}");
+        }
+    }
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev).unwrap();
+    let w = Tensor::ones(3, DType::F32, &dev).unwrap();
+    let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
+    assert!(selfsup_ops::scale_shift_add_relu(&x, &w, &w, &wrong, &w, &w).is_err());
+    assert!(selfsup_ops::scale_shift_add_relu(&x, &w, &w, &x, &w, &w).is_ok());
+}
