@@ -2,7 +2,7 @@
 //! CIFAR stem (3x3 conv, stride 1, no max-pool) or the ImageNet stem (7x7 stride 2 + 3x3
 //! max-pool stride 2), a width multiplier, and no final `fc` (features after global pooling).
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::layers::{batch_norm, conv2d_kaiming, global_avg_pool, BatchNorm, Conv2d};
@@ -52,7 +52,7 @@ impl Block {
         // conv -> [bn -> relu -> conv]* -> bn + identity -> relu; each bracket is one op on
         // the CPU that keeps no copy of its rectified input.
         let (c0, _) = &self.convs[0];
-        let mut z = c0.forward(x)?;
+        let mut z = c0.forward_t(x, train)?;
         for w in self.convs.windows(2) {
             let ((_, bn), (c, _)) = (&w[0], &w[1]);
             z = bn.forward_relu_conv(&z, train, c)?;
@@ -60,7 +60,7 @@ impl Block {
         let (_, bn) = self.convs.last().expect("a block has convolutions");
         // relu(bn(z) + shortcut), one op on the CPU, the projection's BatchNorm included.
         let y = match &self.downsample {
-            Some((c, bn_d)) => bn.forward_add_bn_relu(&z, &c.forward(x)?, bn_d, train)?,
+            Some((c, bn_d)) => bn.forward_add_bn_relu(&z, &c.forward_t(x, train)?, bn_d, train)?,
             None => bn.forward_add_relu(&z, x, train)?,
         };
         Ok(y)
@@ -156,7 +156,7 @@ impl ResNet {
     /// The forward; `detach` cuts the graph after the stem and every block (inference).
     fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
         let cut = |t: Tensor| if detach { t.detach() } else { t };
-        let z = self.conv1.forward(x)?;
+        let z = self.conv1.forward_t(x, train)?;
         let mut y = cut(match self.stem {
             Stem::Cifar => self.bn1.forward_act(&z, train, true)?,
             Stem::Imagenet => self.bn1.forward_relu_max_pool(&z, train, 3, 2, 1)?,

@@ -4,7 +4,7 @@
 //! conv3x3(64->128) BN ReLU maxpool2 | conv3x3(128->256) BN ReLU | global average pool`,
 //! D = 256. Convolutions have no bias (BatchNorm follows); names `conv{i}`, `bn{i}`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::layers::{batch_norm, conv2d, global_avg_pool, BatchNorm, Conv2d};
@@ -39,7 +39,7 @@ impl SmallCnn {
     fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
-            let z = conv.forward(&x)?;
+            let z = conv.forward_t(&x, train)?;
             x = if i < 3 {
                 // One op on the CPU that keeps no copy of the rectified tensor.
                 bn.forward_relu_max_pool(&z, train, 2, 2, 0)?

@@ -22,7 +22,7 @@ use crate::im2col::{col2im_samples, im2col_samples, Float, Geometry};
 
 /// A row-major `(rows, cols)` operand with arbitrary strides.
 #[derive(Clone, Copy)]
-struct Mat<T> {
+pub(crate) struct Mat<T> {
     ptr: *const T,
     rs: isize,
     cs: isize,
@@ -34,7 +34,7 @@ struct Mat<T> {
 /// `dst`, `lhs` and `rhs` must address `m x n`, `m x k` and `k x n` elements with the given
 /// strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Float>(
+pub(crate) unsafe fn matmul<T: Float>(
     m: usize,
     n: usize,
     k: usize,
@@ -99,7 +99,7 @@ fn from_nchw<T: Float>(src: &[T], o: usize, nn: usize, l: usize, dst: &mut [T]) 
 }
 
 /// Row-major `(rows, cols)` matrix at `p`.
-fn dense<T>(p: *const T, cols: usize) -> Mat<T> {
+pub(crate) fn dense<T>(p: *const T, cols: usize) -> Mat<T> {
     Mat {
         ptr: p,
         rs: cols as isize,
@@ -276,7 +276,11 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     crate::util::contiguous(s, l, "selfsup-ops conv2d")
 }
 
-pub(crate) struct Conv(pub Geometry);
+/// The convolution op; `winograd`: take the Winograd forward where it applies.
+pub(crate) struct Conv {
+    pub(crate) g: Geometry,
+    pub(crate) winograd: bool,
+}
 
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
@@ -289,12 +293,16 @@ impl CustomOp2 for Conv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let g = self.g;
         let o = l2.dims()[0];
         let shape = Shape::from((g.n, o, g.oh(), g.ow()));
         Ok(match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => (
-                CpuStorage::F32(conv_fwd(contiguous(x, l1)?, contiguous(w, l2)?, g, o)),
+                CpuStorage::F32(if self.winograd && crate::winograd::applies(g, o) {
+                    crate::winograd::conv3x3_fwd(contiguous(x, l1)?, contiguous(w, l2)?, g, o)
+                } else {
+                    conv_fwd(contiguous(x, l1)?, contiguous(w, l2)?, g, o)
+                }),
                 shape,
             ),
             (CpuStorage::F64(x), CpuStorage::F64(w)) => (
@@ -314,7 +322,7 @@ impl CustomOp2 for Conv {
         // An input that is neither a variable nor computed from one (the image batch) needs no
         // gradient: skip the largest product and col2im.
         let need_dx = x.track_op();
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &ConvGrad { g: self.0, need_dx })?;
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &ConvGrad { g: self.g, need_dx })?;
         let nx = if need_dx { x.elem_count() } else { 0 };
         let dw = packed.narrow(0, nx, w.elem_count())?.reshape(w.shape())?;
         let dx = if need_dx {

@@ -11,6 +11,8 @@
 //! - [`conv2d`]: `im2col` of a few samples at a time (sized to stay in cache) and one `gemm`
 //!   product per chunk, chunks in parallel; the backward recomputes the columns instead of
 //!   keeping them, and skips the input gradient when the input needs none (the image batch).
+//!   [`conv2d_fast_forward`] is the same op with a Winograd F(2x2, 3x3) forward for 3x3
+//!   stride-1 layers, for inference.
 //! - [`batch_norm_train`] (optionally with the ReLU) and [`batch_norm_add_relu_train`]
 //!   (`relu(bn(x) + residual)`, a ResNet block's tail): statistics computed once, in `f64`,
 //!   shared by forward and backward; [`batch_norm_add_bn_relu_train`] is the tail of a block
@@ -37,6 +39,7 @@ mod conv;
 mod im2col;
 mod pool;
 mod util;
+mod winograd;
 
 pub use avg_pool::global_avg_pool;
 pub use batch_norm::{
@@ -45,5 +48,5 @@ pub use batch_norm::{
 };
 pub use bn_conv::batch_norm_relu_conv2d;
 pub use bn_pool::batch_norm_relu_max_pool2d;
-pub use im2col::{col2im, conv2d, im2col, Geometry};
+pub use im2col::{col2im, conv2d, conv2d_fast_forward, im2col, Geometry};
 pub use pool::max_pool2d;

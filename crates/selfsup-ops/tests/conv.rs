@@ -133,3 +133,44 @@ fn constant_input_and_uneven_chunks() {
         );
     }
 }
+
+/// `conv2d_fast_forward`: 3x3 / stride 1 / padding 1 with at least 16 channels in and out takes
+/// the Winograd forward: odd and tiny sizes (partial tiles), several chunks, values and
+/// gradients against candle; other shapes fall back to the im2col forward.
+#[test]
+fn winograd_forward_matches_candle() {
+    let dev = Device::Cpu;
+    for &(n, c, o, h, w) in &[
+        (3, 16, 16, 7, 9),
+        (1, 64, 128, 4, 4),
+        (2, 32, 20, 1, 1),
+        (5, 17, 33, 5, 3),
+        (40, 16, 16, 4, 4),
+        (2, 64, 64, 32, 32),
+        (2, 3, 16, 8, 8),
+    ] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (n, c, h, w), &dev).unwrap()).unwrap();
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap()).unwrap();
+        let ours = selfsup_ops::conv2d_fast_forward(x.as_tensor(), wt.as_tensor(), 1, 1).unwrap();
+        let theirs = x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).unwrap();
+        let what = format!("n{n} c{c} o{o} {h}x{w}");
+        assert_eq!(ours.dims(), theirs.dims(), "{what}");
+        let d = max_rel(&ours, &theirs);
+        assert!(d < 1e-5, "{what}: forward differs by {d}");
+        let r = Tensor::randn(0f32, 1., ours.shape(), &dev).unwrap();
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &wt] {
+            let d = max_rel(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "{what}: gradient differs by {d}");
+        }
+    }
+}
