@@ -39,8 +39,9 @@ for m in "${METHODS[@]}"; do
     continue
   fi
   "$BIN" eval linear --knn --checkpoint "$out" --threads 2 > "$out.eval" 2>> "$out.log"
-  knn=$(grep -o 'kNN.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
-  lin=$(grep -o 'linear probe.*top-1 [0-9.]*%' "$out.eval" | grep -o '[0-9.]*%$')
+  # Test-set top-1 of each (the linear-probe line also gives the train top-1, after it).
+  knn=$(sed -n 's/^kNN.* test: top-1 \([0-9.]*%\).*/\1/p' "$out.eval")
+  lin=$(sed -n 's/^linear probe.* test: top-1 \([0-9.]*%\).*/\1/p' "$out.eval")
   read -r wall ips loss < <(python3 - "$out/metrics.jsonl" <<'PY'
 import json, sys
 ep = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"epoch"' in l]
