@@ -456,6 +456,27 @@ pub fn batch_norm_add_relu_train(
     })
 }
 
+/// `relu(x * s[c] + b[c] + r * rs[c] + rb[c])` over `(N, C, hw)`, samples in parallel; `p` is
+/// `[s, b, rs, rb]`.
+fn add_relu(x: &[f32], r: &[f32], c: usize, hw: usize, p: [&[f32]; 4]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let sample = (c * hw).max(1);
+    y.par_chunks_mut(sample)
+        .zip(x.par_chunks(sample).zip(r.par_chunks(sample)))
+        .for_each(|(dst, (xs, rs))| {
+            let planes = dst
+                .chunks_mut(hw.max(1))
+                .zip(xs.chunks(hw.max(1)).zip(rs.chunks(hw.max(1))));
+            for (ch, (d, (xp, rp))) in planes.enumerate() {
+                let (a, b, ra, rb) = (p[0][ch], p[1][ch], p[2][ch], p[3][ch]);
+                for (d, (&v, &rv)) in d.iter_mut().zip(xp.iter().zip(rp)) {
+                    *d = (v * a + b + (rv * ra + rb)).max(0.0);
+                }
+            }
+        });
+    y
+}
+
 /// `relu(bn(x) + bn_r(r))`: inputs `(x, r, cat(weight, bias, r_weight, r_bias))`.
 struct BnAddBnRelu {
     eps: f64,
@@ -485,21 +506,7 @@ impl CustomOp3 for BnAddBnRelu {
         }
         let (scale, shift) = fold(&self.stats, &p[..c], &p[c..2 * c], self.eps);
         let (r_scale, r_shift) = fold(&self.r_stats, &p[2 * c..3 * c], &p[3 * c..], self.eps);
-        let mut y = vec![0f32; x.len()];
-        let sample = (c * hw).max(1);
-        y.par_chunks_mut(sample)
-            .zip(x.par_chunks(sample).zip(r.par_chunks(sample)))
-            .for_each(|(dst, (xs, rs))| {
-                let planes = dst
-                    .chunks_mut(hw.max(1))
-                    .zip(xs.chunks(hw.max(1)).zip(rs.chunks(hw.max(1))));
-                for (ch, (d, (xp, rp))) in planes.enumerate() {
-                    let (a, b, ra, rb) = (scale[ch], shift[ch], r_scale[ch], r_shift[ch]);
-                    for (d, (&v, &rv)) in d.iter_mut().zip(xp.iter().zip(rp)) {
-                        *d = (v * a + b + (rv * ra + rb)).max(0.0);
-                    }
-                }
-            });
+        let y = add_relu(x, r, c, hw, [&scale, &shift, &r_scale, &r_shift]);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -817,21 +824,10 @@ impl CustomOp3 for ScaleShiftAddRelu {
         if r.len() != x.len() || p.len() != 4 * c {
             candle_core::bail!("scale-shift-add-relu: residual or parameters do not match");
         }
-        let mut y = vec![0f32; x.len()];
-        let sample = (c * hw).max(1);
-        y.par_chunks_mut(sample)
-            .zip(x.par_chunks(sample).zip(r.par_chunks(sample)))
-            .for_each(|(dst, (xs, rs))| {
-                let planes = dst
-                    .chunks_mut(hw.max(1))
-                    .zip(xs.chunks(hw.max(1)).zip(rs.chunks(hw.max(1))));
-                for (ch, (d, (xp, rp))) in planes.enumerate() {
-                    let (a, b, ra, rb) = (p[ch], p[c + ch], p[2 * c + ch], p[3 * c + ch]);
-                    for (d, (&v, &rv)) in d.iter_mut().zip(xp.iter().zip(rp)) {
-                        *d = (v * a + b + (rv * ra + rb)).max(0.0);
-                    }
-                }
-            });
+        let (s, rest) = p.split_at(c);
+        let (b, rest) = rest.split_at(c);
+        let (rs, rb) = rest.split_at(c);
+        let y = add_relu(x, r, c, hw, [s, b, rs, rb]);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(

@@ -4,32 +4,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    d / s.max(1e-6)
-}
+mod common;
+use common::{bn_relu_train, max_rel};
 
 /// Training-mode BatchNorm + ReLU + convolution from candle's primitive ops; also returns the
 /// batch mean and biased variance.
@@ -41,24 +17,8 @@ fn reference(
     stride: usize,
     pad: usize,
 ) -> (Tensor, Tensor, Tensor) {
-    let c = x.dim(1).unwrap();
-    let shape = (1, c, 1, 1);
-    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap();
-    let mean = mean.mean_keepdim(3).unwrap();
-    let xc = x.broadcast_sub(&mean).unwrap();
-    let var = xc.sqr().unwrap().mean_keepdim(0).unwrap();
-    let var = var.mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
-    let h = xc
-        .broadcast_div(&(&var + 1e-5).unwrap().sqrt().unwrap())
-        .unwrap()
-        .broadcast_mul(&w.reshape(shape).unwrap())
-        .unwrap()
-        .broadcast_add(&b.reshape(shape).unwrap())
-        .unwrap()
-        .relu()
-        .unwrap();
-    let z = h.conv2d(cw, pad, stride, 1, 1).unwrap();
-    (z, mean.flatten_all().unwrap(), var.flatten_all().unwrap())
+    let [h, mean, var] = bn_relu_train(x, w, b);
+    (h.conv2d(cw, pad, stride, 1, 1).unwrap(), mean, var)
 }
 
 #[test]

@@ -2,32 +2,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    d / s.max(1e-6)
-}
+mod common;
+use common::max_rel;
 
 #[test]
 fn conv2d_matches_candle_values_and_gradients() {
