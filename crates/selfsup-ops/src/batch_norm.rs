@@ -11,9 +11,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Raw output pointer shared by the per-channel tasks; each task writes only its own channel.
@@ -570,10 +568,7 @@ impl CustomOp3 for BnAddBnReluGrad {
         let r = f32s(s2, l2)?;
         let dy = f32s(s3, l3)?;
         let (ys, yl) = self.y.storage_and_layout();
-        let y = match &*ys {
-            Storage::Cpu(s) => f32s(s, yl)?,
-            _ => candle_core::bail!("bn-add-bn-relu: output not on the CPU"),
-        };
+        let y = crate::util::storage_f32s(&ys, yl, "bn-add-bn-relu output")?;
         if r.len() != x.len() || dy.len() != x.len() || y.len() != x.len() {
             candle_core::bail!("bn-add-bn-relu grad: inputs of different sizes");
         }
@@ -876,10 +871,7 @@ impl CustomOp3 for ScaleShiftAddReluGrad {
         let r = f32s(s2, l2)?;
         let dy = f32s(s3, l3)?;
         let (ys, yl) = self.y.storage_and_layout();
-        let y = match &*ys {
-            Storage::Cpu(s) => f32s(s, yl)?,
-            _ => candle_core::bail!("scale-shift-add-relu: output not on the CPU"),
-        };
+        let y = crate::util::storage_f32s(&ys, yl, "scale-shift-add-relu output")?;
         let numel = x.len();
         if r.len() != numel || dy.len() != numel || y.len() != numel {
             candle_core::bail!("scale-shift-add-relu grad: inputs of different sizes");

@@ -17,3 +17,16 @@ pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f
         _ => candle_core::bail!("{op}: the fused kernel is f32 only"),
     }
 }
+
+/// The f32 values of a tensor's storage read in place (a fourth input, which a custom op cannot
+/// take), which must be on the CPU.
+pub(crate) fn storage_f32s<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(s) => f32s(s, l, op),
+        _ => candle_core::bail!("{op}: not on the CPU"),
+    }
+}
