@@ -12,7 +12,7 @@ use selfsup_data::{
 };
 use selfsup_eval::{extract_features, knn, linear_probe, KnnConfig, LinearProbeConfig};
 use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
-use selfsup_train::setup::{build_trainer, check_method_name, RunData};
+use selfsup_train::setup::{build_trainer, check_method_name, inference_encoder, RunData};
 use selfsup_train::{checkpoint, parse_device, TrainConfig};
 
 // mimalloc keeps freed pages for reuse: candle allocates a fresh buffer per op, and with the
@@ -499,6 +499,19 @@ impl Encoder for Pixels {
     }
 }
 
+/// The encoder of a checkpoint as feature consumers call it, on images normalised with `norm`:
+/// grey input in front for a colorization run (the only input it trained on).
+fn for_inference(
+    enc: Box<dyn Encoder>,
+    cfg: &Option<TrainConfig>,
+    norm: &Normalize,
+) -> Box<dyn Encoder> {
+    match cfg {
+        Some(c) => inference_encoder(c, enc, norm),
+        None => enc,
+    }
+}
+
 /// The encoder of a checkpoint (or a baseline), with its config when there is one.
 fn load_encoder(
     ck: &CheckpointArgs,
@@ -578,6 +591,7 @@ fn cifar_features(ck: &CheckpointArgs) -> Result<(selfsup_eval::Features, selfsu
         .map(|c| (c.source.clone(), c.sha256.clone()))
         .unwrap_or_default();
     let (train, test) = load_cifar(&ck.data_dir, &src, &sha)?;
+    let enc = for_inference(enc, &cfg, &Normalize::cifar10());
     let tr = extract_features(
         enc.as_ref(),
         &eval_loader(train, 32, Normalize::cifar10(), ck.threads)?,
@@ -733,6 +747,7 @@ fn embed(a: &EmbedArgs) -> Result<()> {
         }
         d => bail!("unknown --data {d:?} (cifar10-train, cifar10-test, folder:PATH)"),
     };
+    let enc = for_inference(enc, &cfg, &norm);
     let f = extract_features(
         enc.as_ref(),
         &eval_loader(ds, size, norm, a.ck.threads)?,
@@ -781,7 +796,8 @@ fn embed(a: &EmbedArgs) -> Result<()> {
 fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
     set_threads(a.ck.threads);
     let device = parse_device(&a.ck.device)?;
-    let (enc, _) = load_encoder(&a.ck, &device)?;
+    let (enc, cfg) = load_encoder(&a.ck, &device)?;
+    let enc = for_inference(enc, &cfg, &Normalize::cifar10());
     let (train, test) = load_cifar(&a.ck.data_dir, "", "")?;
     let query = match a.query.strip_prefix("cifar10-test:") {
         Some(i) => {

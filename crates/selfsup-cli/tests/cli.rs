@@ -352,3 +352,54 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
     let saved = std::fs::read_to_string(ll.join("results.md")).unwrap();
     assert_eq!(saved, stdout);
 }
+
+/// `selfsup embed` feeds a colorization encoder the grey images it trained on: the same
+/// weights give other embeddings when the run's config names another method.
+#[test]
+fn a_colorization_run_is_embedded_from_grey_images() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    write_folder(&imgs);
+    let run = d.path().join("run");
+    let cfg = d.path().join("small.toml");
+    std::fs::write(&cfg, "image_size = 16\nproj_hidden = 32\n").unwrap();
+    let out = selfsup()
+        .args(["train", "--method", "colorization", "--epochs", "1"])
+        .args(["--dataset", &format!("folder:{}", imgs.display())])
+        .args(["--batch-size", "16", "--threads", "2", "--out"])
+        .args([run.to_str().unwrap(), "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let embed = |name: &str| {
+        let emb = d.path().join(name);
+        let out = selfsup()
+            .args(["embed", "--checkpoint", run.to_str().unwrap(), "--data"])
+            .args([&format!("folder:{}", imgs.display()), "--out"])
+            .arg(&emb)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        candle_core::safetensors::load(&emb, &candle_core::Device::Cpu).unwrap()["embeddings"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let grey = embed("grey.safetensors");
+    let toml = run.join("checkpoint/config.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("method = \"colorization\""), "{text}");
+    std::fs::write(&toml, text.replace("\"colorization\"", "\"rotation\"")).unwrap();
+    let colour = embed("colour.safetensors");
+    assert_eq!(grey.len(), colour.len());
+    assert_ne!(grey, colour);
+}

@@ -124,35 +124,95 @@ impl Colorization {
         })
     }
 
-    fn stats(&self, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-        let m = Tensor::new(&self.cfg.mean, dev)?.reshape((1, 3, 1, 1))?;
-        let s = Tensor::new(&self.cfg.std, dev)?.reshape((1, 3, 1, 1))?;
-        Ok((m, s))
-    }
-
     /// The grey input (normalised) and the `(N, 2, g, g)` `ab` targets of normalised views.
     pub fn inputs_and_targets(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n, c, h, w) = x.dims4()?;
+        let (_, c, h, w) = x.dims4()?;
         let g = self.cfg.grid;
         if c != 3 || h % g != 0 || w % g != 0 {
             return Err(Error::Config(format!(
                 "colorization needs RGB images whose sides are multiples of {g}, got {c}x{h}x{w}"
             )));
         }
-        let (m, s) = self.stats(x.device())?;
-        let x = x.detach().to_dtype(DType::F32)?;
-        let rgb = x.broadcast_mul(&s)?.broadcast_add(&m)?;
-        let lab = rgb_to_lab(&rgb)?;
-        let l = (lab.narrow(1, 0, 1)? / 100.0)?.broadcast_as((n, 3, h, w))?;
-        let grey = l.broadcast_sub(&m)?.broadcast_div(&s)?.contiguous()?;
+        let (lab, grey) = lab_and_grey(x, &self.cfg.mean, &self.cfg.std)?;
         let ab = lab.narrow(1, 1, 2)?.avg_pool2d((h / g, w / g))?;
         Ok((grey, ab))
+    }
+}
+
+/// `(N, 3, H, W)` normalised RGB to its Lab image and the encoder's grey input (`L / 100` on
+/// three channels, normalised with the same statistics).
+fn lab_and_grey(x: &Tensor, mean: &[f32; 3], std: &[f32; 3]) -> Result<(Tensor, Tensor)> {
+    let (n, _, h, w) = x.dims4()?;
+    let m = Tensor::new(mean, x.device())?.reshape((1, 3, 1, 1))?;
+    let s = Tensor::new(std, x.device())?.reshape((1, 3, 1, 1))?;
+    let x = x.detach().to_dtype(DType::F32)?;
+    let rgb = x.broadcast_mul(&s)?.broadcast_add(&m)?;
+    let lab = rgb_to_lab(&rgb)?;
+    let l = (lab.narrow(1, 0, 1)? / 100.0)?.broadcast_as((n, 3, h, w))?;
+    let grey = l.broadcast_sub(&m)?.broadcast_div(&s)?.contiguous()?;
+    Ok((lab, grey))
+}
+
+/// The grey image a colorization encoder sees of normalised RGB views `(N, 3, H, W)`: `L / 100`
+/// of CIELAB replicated on the three channels and normalised with `mean` / `std`, in the dtype
+/// of `x`. Exactly the input [`Colorization`] trains the encoder on.
+pub fn grey_input(x: &Tensor, mean: &[f32; 3], std: &[f32; 3]) -> Result<Tensor> {
+    if x.dims().len() != 4 || x.dim(1)? != 3 {
+        return Err(Error::Config(format!(
+            "a grey input needs (N, 3, H, W) RGB images, got {:?}",
+            x.dims()
+        )));
+    }
+    Ok(lab_and_grey(x, mean, std)?.1.to_dtype(x.dtype())?)
+}
+
+/// An encoder that was trained by colorization alone, seen from outside: it converts normalised
+/// RGB images to their [`grey_input`] first. Features for kNN, the linear probe, retrieval and
+/// embedding export must come through it: the encoder never saw colour while it trained, and
+/// fed colour its features are far worse (measured in docs/methods.md).
+pub struct GreyInput {
+    inner: Box<dyn Encoder>,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl GreyInput {
+    /// Wrap `inner`; `mean` / `std` are the statistics the images are normalised with.
+    pub fn new(inner: Box<dyn Encoder>, mean: [f32; 3], std: [f32; 3]) -> Self {
+        Self { inner, mean, std }
+    }
+
+    /// The wrapped encoder (which takes grey inputs).
+    pub fn inner(&self) -> &dyn Encoder {
+        self.inner.as_ref()
+    }
+
+    fn grey(&self, x: &Tensor) -> selfsup_models::Result<Tensor> {
+        grey_input(x, &self.mean, &self.std).map_err(Into::into)
+    }
+}
+
+impl Encoder for GreyInput {
+    fn forward_t(&self, x: &Tensor, train: bool) -> selfsup_models::Result<Tensor> {
+        self.inner.forward_t(&self.grey(x)?, train)
+    }
+
+    fn features(&self, x: &Tensor) -> selfsup_models::Result<Tensor> {
+        self.inner.features(&self.grey(x)?)
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.inner.feature_dim()
     }
 }
 
 impl Pretext for Colorization {
     fn name(&self) -> &str {
         "colorization"
+    }
+
+    fn encoder_input(&self, x: &Tensor) -> Result<Tensor> {
+        grey_input(x, &self.cfg.mean, &self.cfg.std)
     }
 
     fn loss(&self, encoder: &dyn Encoder, views: &[Tensor]) -> Result<StepOutput> {

@@ -13,8 +13,33 @@ pub type PretextBuilder<'a> = dyn FnOnce(usize, VarBuilder) -> Result<Box<dyn Pr
 /// An encoder trained by a pretext task alone.
 pub struct PretextMethod {
     varmap: VarMap,
-    encoder: Box<dyn Encoder>,
+    encoder: TaskEncoder,
+}
+
+/// The encoder as the outside sees it: inputs go through [`Pretext::encoder_input`] first.
+struct TaskEncoder {
+    inner: Box<dyn Encoder>,
     task: Box<dyn Pretext>,
+}
+
+impl TaskEncoder {
+    fn input(&self, x: &Tensor) -> selfsup_models::Result<Tensor> {
+        self.task.encoder_input(x).map_err(Into::into)
+    }
+}
+
+impl Encoder for TaskEncoder {
+    fn forward_t(&self, x: &Tensor, train: bool) -> selfsup_models::Result<Tensor> {
+        self.inner.forward_t(&self.input(x)?, train)
+    }
+
+    fn features(&self, x: &Tensor) -> selfsup_models::Result<Tensor> {
+        self.inner.features(&self.input(x)?)
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.inner.feature_dim()
+    }
 }
 
 impl PretextMethod {
@@ -28,27 +53,27 @@ impl PretextMethod {
     ) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, seed, at.dtype, &at.device);
-        let encoder = build_encoder(kind, vb.pp("encoder"))?;
-        let task = task(encoder.feature_dim(), vb.pp(head_prefix))?;
+        let inner = build_encoder(kind, vb.pp("encoder"))?;
+        let task = task(inner.feature_dim(), vb.pp(head_prefix))?;
         Ok(Self {
             varmap,
-            encoder,
-            task,
+            encoder: TaskEncoder { inner, task },
         })
     }
 }
 
 impl Method for PretextMethod {
     fn name(&self) -> &str {
-        self.task.name()
+        self.encoder.task.name()
     }
 
     fn forward_loss(&self, views: &[Tensor], _labels: Option<&Tensor>) -> Result<StepOutput> {
-        self.task.loss(self.encoder.as_ref(), views)
+        self.encoder.task.loss(self.encoder.inner.as_ref(), views)
     }
 
+    /// The encoder behind the task's [`Pretext::encoder_input`] (grey images for colorization).
     fn encoder(&self) -> &dyn Encoder {
-        self.encoder.as_ref()
+        &self.encoder
     }
 
     fn varmap(&self) -> &VarMap {

@@ -44,7 +44,9 @@ mod vicreg;
 
 pub use barlow::{Barlow, BarlowConfig};
 pub use byol::{Byol, ByolConfig};
-pub use colorization::{rgb_to_lab, ColorTarget, Colorization, ColorizationConfig};
+pub use colorization::{
+    grey_input, rgb_to_lab, ColorTarget, Colorization, ColorizationConfig, GreyInput,
+};
 pub use ema::{ema_update, momentum_at, Momentum};
 pub use hybrid::{Hybrid, PretextBuilder, PretextMethod};
 pub use moco::{Moco, MocoConfig};
@@ -98,6 +100,18 @@ pub enum Error {
 
 /// Shorthand result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// For code that runs a method's step inside an [`Encoder`] (an input mapping in front of an
+/// encoder): candle and model errors pass through, the rest become `Config`.
+impl From<Error> for selfsup_models::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(e) => Self::Candle(e),
+            Error::Model(e) => e,
+            e => Self::Config(e.to_string()),
+        }
+    }
+}
 
 /// What one training step produced.
 #[derive(Debug)]
@@ -153,6 +167,13 @@ pub trait Pretext: Send + Sync {
     fn name(&self) -> &str;
     /// The task's loss on `views` (each `(N, C, H, W)`, normalised), in train mode.
     fn loss(&self, encoder: &dyn Encoder, views: &[Tensor]) -> Result<StepOutput>;
+    /// What an encoder trained by this task alone sees of normalised images at inference: the
+    /// images themselves (the default), or the grey input colorization trains on.
+    /// [`PretextMethod::encoder`] applies it, so the kNN monitor and every feature consumer get
+    /// the input the encoder was trained on.
+    fn encoder_input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
 }
 
 /// The two views of a batch, or an error naming the method.

@@ -50,11 +50,11 @@ fn check(case: &str, kind: &str) {
     )
     .unwrap();
     let path = fixture(&format!("{case}.safetensors"));
+    let scratch = tempfile::tempdir().unwrap();
     io::load_varmap(&varmap, "", &{
         // The fixture stores weights as `model.<name>`: load through a prefixed copy.
         let t = io::read_tensors(&path).unwrap();
-        let tmp =
-            std::env::temp_dir().join(format!("selfsup-{case}-{}.safetensors", std::process::id()));
+        let tmp = scratch.path().join("weights.safetensors");
         let w: std::collections::HashMap<String, Tensor> = t
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v.clone())))
@@ -215,9 +215,8 @@ fn strided_max_pool_has_gradients_and_matches_candle() {
 
 #[test]
 fn save_load_round_trip_and_wrong_architecture() {
-    let dir = std::env::temp_dir().join(format!("selfsup-models-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("w.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.safetensors");
     let vm = VarMap::new();
     let kind: EncoderKind = "resnet18-w0.125".parse().unwrap();
     let enc = build_encoder(&kind, seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu)).unwrap();
@@ -245,11 +244,10 @@ fn save_load_round_trip_and_wrong_architecture() {
         e.contains("has shape") && e.contains("another architecture"),
         "{e}"
     );
-    let e = io::load_varmap(&vm3, "", &dir.join("nope.safetensors"))
+    let e = io::load_varmap(&vm3, "", &dir.path().join("nope.safetensors"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found"), "{e}");
-    std::fs::remove_dir_all(dir).unwrap();
     // Unknown names are errors, not panics.
     assert!("resnet19".parse::<EncoderKind>().is_err());
     assert!("resnet18-w0"

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use candle_core::DType;
 use selfsup_data::{preset_views, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset};
 use selfsup_methods::{
-    Barlow, BarlowConfig, Byol, ByolConfig, Colorization, ColorizationConfig, Hybrid, Method, Moco,
-    MocoConfig, Momentum, PairsConfig, PairsMethod, Placement, Pretext, PretextBuilder,
-    PretextMethod, Rotation, SimClr, SimClrConfig, SimSiam, SimSiamConfig, SupConConfig,
-    SupConMethod, Supervised, VicregConfig, VicregMethod,
+    Barlow, BarlowConfig, Byol, ByolConfig, Colorization, ColorizationConfig, GreyInput, Hybrid,
+    Method, Moco, MocoConfig, Momentum, PairsConfig, PairsMethod, Placement, Pretext,
+    PretextBuilder, PretextMethod, Rotation, SimClr, SimClrConfig, SimSiam, SimSiamConfig,
+    SupConConfig, SupConMethod, Supervised, VicregConfig, VicregMethod,
 };
-use selfsup_models::EncoderKind;
+use selfsup_models::{Encoder, EncoderKind};
 
 use crate::{parse_device, Error, KnnMonitor, Result, TrainConfig, Trainer};
 
@@ -241,6 +241,22 @@ pub fn build_method(
             &format!("{p}_head"),
             pretext(p, cfg, normalize)?,
         )?)),
+    }
+}
+
+/// The encoder of a run trained with `cfg`, as feature consumers must call it: an encoder
+/// trained by colorization alone saw only grey images, so it gets [`GreyInput`] in front
+/// (with the statistics the images are normalised with); every other encoder takes the images
+/// as they are. ([`PretextMethod`] does the same for the kNN monitor during training.)
+pub fn inference_encoder(
+    cfg: &TrainConfig,
+    encoder: Box<dyn Encoder>,
+    normalize: &Normalize,
+) -> Box<dyn Encoder> {
+    if cfg.method == "colorization" {
+        Box::new(GreyInput::new(encoder, normalize.mean, normalize.std))
+    } else {
+        encoder
     }
 }
 

@@ -202,3 +202,63 @@ fn barlow_and_vicreg_default_to_lars_others_keep_the_optimiser() {
     c.apply_method_defaults("simclr");
     assert_eq!((c.optimizer, c.lr, c.weight_decay), (opt, lr, wd));
 }
+
+/// Colorization trains its encoder on grey images only: the method's encoder (what the kNN
+/// monitor uses) and `inference_encoder` (what `selfsup eval` / `embed` / `neighbors` use)
+/// both feed it `grey_input` of the images, bit for bit; other methods feed images as they are.
+#[test]
+fn a_colorization_encoder_is_fed_grey_images_at_inference() {
+    use candle_core::{DType, Device, Tensor};
+    use selfsup_methods::{grey_input, ENCODER_PREFIX};
+    use selfsup_models::{build_encoder, seeded_var_builder};
+    use selfsup_train::setup::inference_encoder;
+
+    let norm = data().normalize;
+    let x = Tensor::randn(0f32, 1f32, (6, 3, 16, 16), &Device::Cpu).unwrap();
+    let vals = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for method in ["colorization", "rotation", "simclr+colorization"] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(method, dir.path());
+        let t = build_trainer(&c, data()).unwrap();
+        // The same weights as a bare encoder (the builder reuses the method's variables).
+        let vb = seeded_var_builder(t.method().varmap(), 0, DType::F32, &Device::Cpu);
+        let bare = build_encoder(
+            &c.encoder.parse().unwrap(),
+            vb.pp(ENCODER_PREFIX.trim_end_matches('.')),
+        )
+        .unwrap();
+        let grey = grey_input(&x, &norm.mean, &norm.std).unwrap();
+        let on_colour = vals(bare.features(&x).unwrap());
+        let on_grey = vals(bare.features(&grey).unwrap());
+        assert_ne!(on_colour, on_grey);
+        let want = if method == "colorization" {
+            &on_grey
+        } else {
+            &on_colour
+        };
+        assert_eq!(
+            &vals(t.method().encoder().features(&x).unwrap()),
+            want,
+            "{method}"
+        );
+        let outside = inference_encoder(&c, bare, &norm);
+        assert_eq!(&vals(outside.features(&x).unwrap()), want, "{method}");
+        assert_eq!(
+            &vals(outside.forward_t(&x, false).unwrap().detach()),
+            want,
+            "{method}"
+        );
+    }
+    // The grey input carries no colour: two images with the same lightness give it equally.
+    let g = grey_input(&x, &norm.mean, &norm.std).unwrap();
+    let c0 = g.narrow(1, 0, 1).unwrap();
+    for ch in 1..3 {
+        let d = ((&c0 * norm.std[0] as f64).unwrap() + norm.mean[0] as f64).unwrap();
+        let e = ((g.narrow(1, ch, 1).unwrap() * norm.std[ch] as f64).unwrap()
+            + norm.mean[ch] as f64)
+            .unwrap();
+        let diff = (d - e).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+    assert!(grey_input(&x.narrow(1, 0, 2).unwrap(), &norm.mean, &norm.std).is_err());
+}
