@@ -11,6 +11,7 @@ use selfsup_data::{
     cifar, folder, preset_views, InMemory, Loader, LoaderConfig, Normalize, Preset,
 };
 use selfsup_eval::{extract_features, knn, linear_probe, KnnConfig, LinearProbeConfig};
+use selfsup_methods::GreyInput;
 use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
 use selfsup_train::setup::{build_trainer, check_method_name, inference_encoder, RunData};
 use selfsup_train::{checkpoint, parse_device, TrainConfig};
@@ -159,7 +160,7 @@ struct TrainArgs {
     /// pairs: positives/negatives from labels too (uses labels; true or false).
     #[arg(long)]
     pair_labels: Option<bool>,
-    /// colorization: regression, bins or bins:Q.
+    /// colorization: bins (default, 16 per channel), bins:Q or regression.
     #[arg(long)]
     color_target: Option<String>,
     /// Seed for weights, data order and augmentations.
@@ -268,6 +269,11 @@ struct CheckpointArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// What the encoder is fed: `auto` (the input it trained on: grey images for a
+    /// colorization run, colour for every other), `colour`, or `grey` (CIELAB lightness on
+    /// three channels, as colorization trains on; e.g. `--baseline random --input grey`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "colour", "grey"])]
+    input: String,
 }
 
 #[derive(Args)]
@@ -500,15 +506,18 @@ impl Encoder for Pixels {
 }
 
 /// The encoder of a checkpoint as feature consumers call it, on images normalised with `norm`:
-/// grey input in front for a colorization run (the only input it trained on).
+/// `--input auto` puts a grey input in front for a colorization run (the only input it
+/// trained on); `colour` / `grey` choose for any encoder.
 fn for_inference(
     enc: Box<dyn Encoder>,
+    ck: &CheckpointArgs,
     cfg: &Option<TrainConfig>,
     norm: &Normalize,
 ) -> Box<dyn Encoder> {
-    match cfg {
-        Some(c) => inference_encoder(c, enc, norm),
-        None => enc,
+    match (ck.input.as_str(), cfg) {
+        ("grey", _) => Box::new(GreyInput::new(enc, norm.mean, norm.std)),
+        ("auto", Some(c)) => inference_encoder(c, enc, norm),
+        _ => enc,
     }
 }
 
@@ -591,7 +600,7 @@ fn cifar_features(ck: &CheckpointArgs) -> Result<(selfsup_eval::Features, selfsu
         .map(|c| (c.source.clone(), c.sha256.clone()))
         .unwrap_or_default();
     let (train, test) = load_cifar(&ck.data_dir, &src, &sha)?;
-    let enc = for_inference(enc, &cfg, &Normalize::cifar10());
+    let enc = for_inference(enc, ck, &cfg, &Normalize::cifar10());
     let tr = extract_features(
         enc.as_ref(),
         &eval_loader(train, 32, Normalize::cifar10(), ck.threads)?,
@@ -747,7 +756,7 @@ fn embed(a: &EmbedArgs) -> Result<()> {
         }
         d => bail!("unknown --data {d:?} (cifar10-train, cifar10-test, folder:PATH)"),
     };
-    let enc = for_inference(enc, &cfg, &norm);
+    let enc = for_inference(enc, &a.ck, &cfg, &norm);
     let f = extract_features(
         enc.as_ref(),
         &eval_loader(ds, size, norm, a.ck.threads)?,
@@ -797,7 +806,7 @@ fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
     set_threads(a.ck.threads);
     let device = parse_device(&a.ck.device)?;
     let (enc, cfg) = load_encoder(&a.ck, &device)?;
-    let enc = for_inference(enc, &cfg, &Normalize::cifar10());
+    let enc = for_inference(enc, &a.ck, &cfg, &Normalize::cifar10());
     let (train, test) = load_cifar(&a.ck.data_dir, "", "")?;
     let query = match a.query.strip_prefix("cifar10-test:") {
         Some(i) => {

@@ -353,8 +353,8 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
     assert_eq!(saved, stdout);
 }
 
-/// `selfsup embed` feeds a colorization encoder the grey images it trained on: the same
-/// weights give other embeddings when the run's config names another method.
+/// `selfsup embed` feeds a colorization encoder the grey images it trained on (`--input auto`),
+/// colour on request, and any other run colour unless told `--input grey`.
 #[test]
 fn a_colorization_run_is_embedded_from_grey_images() {
     let d = tempfile::tempdir().unwrap();
@@ -375,12 +375,13 @@ fn a_colorization_run_is_embedded_from_grey_images() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let embed = |name: &str| {
+    let embed = |name: &str, input: &str| {
         let emb = d.path().join(name);
         let out = selfsup()
             .args(["embed", "--checkpoint", run.to_str().unwrap(), "--data"])
             .args([&format!("folder:{}", imgs.display()), "--out"])
             .arg(&emb)
+            .args(["--input", input])
             .output()
             .unwrap();
         assert!(
@@ -394,12 +395,14 @@ fn a_colorization_run_is_embedded_from_grey_images() {
             .to_vec1::<f32>()
             .unwrap()
     };
-    let grey = embed("grey.safetensors");
+    let grey = embed("grey.safetensors", "auto");
+    assert_eq!(grey, embed("grey2.safetensors", "grey"));
+    let colour = embed("colour.safetensors", "colour");
+    assert_ne!(grey, colour);
     let toml = run.join("checkpoint/config.toml");
     let text = std::fs::read_to_string(&toml).unwrap();
     assert!(text.contains("method = \"colorization\""), "{text}");
     std::fs::write(&toml, text.replace("\"colorization\"", "\"rotation\"")).unwrap();
-    let colour = embed("colour.safetensors");
-    assert_eq!(grey.len(), colour.len());
-    assert_ne!(grey, colour);
+    assert_eq!(colour, embed("colour2.safetensors", "auto"));
+    assert_eq!(grey, embed("grey3.safetensors", "grey"));
 }

@@ -74,7 +74,8 @@ pub struct TrainConfig {
     pub margin: f64,
     /// `pairs`: positives and negatives from labels (supervised) as well as augmentation.
     pub pair_labels: bool,
-    /// `colorization`: `regression` (ab, MSE) or `bins` / `bins:Q` (cross-entropy).
+    /// `colorization`: `bins` / `bins:Q` (cross-entropy over Q = 16 bins per channel, the
+    /// default: Zhang et al.'s classification view) or `regression` (ab, MSE).
     pub color_target: String,
     /// Seed for weights, order and augmentations.
     pub seed: u64,
@@ -131,7 +132,7 @@ impl Default for TrainConfig {
             pair_loss: "margin".into(),
             margin: 1.0,
             pair_labels: false,
-            color_target: "regression".into(),
+            color_target: "bins".into(),
             seed: 0,
             threads: 0,
             device: "cpu".into(),

@@ -120,7 +120,7 @@ fn hybrid_loss_goes_down() {
 }
 
 #[test]
-fn triplet_and_binned_colour_variants_train() {
+fn triplet_and_regression_colour_variants_train() {
     for (method, f) in [
         (
             "pairs",
@@ -128,7 +128,7 @@ fn triplet_and_binned_colour_variants_train() {
         ),
         ("pairs", &|c: &mut TrainConfig| c.pair_labels = true),
         ("colorization", &|c: &mut TrainConfig| {
-            c.color_target = "bins".into()
+            c.color_target = "regression".into()
         }),
     ] {
         let dir = tempfile::tempdir().unwrap();
