@@ -270,6 +270,17 @@ fn losses(n: usize, d: usize) -> Result<()> {
 }
 
 /// Current and peak resident memory in MiB, from /proc/self/status.
+/// Minor page faults of this process so far (`/proc/self/stat` field 10; 0 where unreadable).
+/// Each one is a page the kernel had to find and zero: a sign of allocation churn.
+pub fn minor_faults() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    s.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn rss_mib() -> (f64, f64) {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let get = |k: &str| {
@@ -400,6 +411,7 @@ fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
     let mut fwd = Vec::new();
     let mut bwd = Vec::new();
     for i in 0..=steps {
+        let faults = minor_faults();
         let t = Instant::now();
         let out = m.forward_loss(&[v0.clone(), v1.clone()], None)?;
         let _ = out.loss.to_scalar::<f32>()?;
@@ -411,7 +423,8 @@ fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
         drop(g);
         drop(out);
         let (rss, peak) = rss_mib();
-        println!("step {i}: forward {:.2} s, backward+update {:.2} s, {:.1} images/s, RSS {rss:.0} MiB (peak {peak:.0}){}", tf, tb, 2.0 * batch as f64 / (tf + tb), if i == 0 { " [warm-up]" } else { "" });
+        let faults = minor_faults() - faults;
+        println!("step {i}: forward {:.2} s, backward+update {:.2} s, {:.1} images/s, RSS {rss:.0} MiB (peak {peak:.0}), {faults} page faults{}", tf, tb, 2.0 * batch as f64 / (tf + tb), if i == 0 { " [warm-up]" } else { "" });
         if i > 0 {
             fwd.push(tf);
             bwd.push(tb);

@@ -23,7 +23,7 @@ impl CustomOp1 for GlobalAvgPool {
         let x = f32s(s, l)?;
         let y: Vec<f32> = x
             .par_chunks(hw)
-            .map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32)
+            .map(|p| (crate::util::sum_f64(p) / hw as f64) as f32)
             .collect();
         Ok((CpuStorage::F32(y), Shape::from((n, c))))
     }

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use crate::util::{bn_dx_row, bn_row_sums, output_buffer, scale_shift_row, sq_dev_f64, sum_f64};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -45,21 +46,11 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut s = 0f64;
-            for i in 0..n {
-                let seg = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                s += seg.iter().map(|&v| v as f64).sum::<f64>();
-            }
+            let seg = |i: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+            let s: f64 = (0..n).map(|i| sum_f64(seg(i))).sum();
             let m = (n * hw) as f64;
             let mean = s / m;
-            let mut q = 0f64;
-            for i in 0..n {
-                let seg = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                q += seg
-                    .iter()
-                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                    .sum::<f64>();
-            }
+            let q: f64 = (0..n).map(|i| sq_dev_f64(seg(i), mean)).sum();
             (mean, q / m)
         })
         .collect()
@@ -199,7 +190,8 @@ impl CustomOp3 for BnGrad {
         let y = f32s(s3, l3)?;
         let numel = x.len();
         let extra = if self.emit_g { numel } else { 0 };
-        let mut out = vec![0f32; numel + 2 * c + extra];
+        // bn_backward writes dx, dw, db and (with emit_g) the masked dy: every element.
+        let mut out = output_buffer(numel + 2 * c + extra);
         let relu = self.relu.then_some(y);
         bn_backward(
             x,
@@ -235,19 +227,6 @@ pub(crate) fn bn_backward(
     assert!(out.len() >= numel + 2 * c + if emit_g { numel } else { 0 });
     let p = Out(out.as_mut_ptr());
     let m = (n * hw) as f64;
-    // Without a ReLU the mask is never read; any slice of the right length does.
-    let (y, relu) = match relu {
-        Some(y) => (y, true),
-        None => (dy, false),
-    };
-    // The gradient reaching the normalised output: dy, masked by the ReLU.
-    let g = |dy: f32, y: f32| {
-        if relu && y <= 0.0 {
-            0.0
-        } else {
-            dy
-        }
-    };
     (0..c).into_par_iter().for_each(|ch| {
         let (mean, var) = st[ch];
         let istd = 1.0 / (var + eps).sqrt();
@@ -256,17 +235,8 @@ pub(crate) fn bn_backward(
         // the sums exact enough when the mean is large against the spread.
         let (mut db, mut dxc) = (0f64, 0f64);
         for i in 0..n {
-            let off = (i * c + ch) * hw;
-            let (mut sb, mut sx) = (0f32, 0f32);
-            let rows = x[off..off + hw]
-                .iter()
-                .zip(&dy[off..off + hw])
-                .zip(&y[off..off + hw]);
-            for ((&xj, &dyj), &yj) in rows {
-                let gj = g(dyj, yj);
-                sb += gj;
-                sx += gj * (xj - meanf);
-            }
+            let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+            let (sb, sx) = bn_row_sums(&x[r.clone()], &dy[r.clone()], relu.map(|y| &y[r]), meanf);
             db += sb as f64;
             dxc += sx as f64;
         }
@@ -280,21 +250,18 @@ pub(crate) fn bn_backward(
             let off = (i * c + ch) * hw;
             // SAFETY: as in the forward pass, channel `ch` owns these indices.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
-            let rows = x[off..off + hw]
-                .iter()
-                .zip(&dy[off..off + hw])
-                .zip(&y[off..off + hw]);
-            for (d, ((&xj, &dyj), &yj)) in dst.iter_mut().zip(rows) {
-                *d = a * g(dyj, yj) + bx * (xj - meanf) + c0;
-            }
-            if emit_g {
-                // SAFETY: the masked-dy block mirrors dx; channel `ch` owns these indices.
-                let gdst = unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) };
-                let rows = dy[off..off + hw].iter().zip(&y[off..off + hw]);
-                for (d, (&dyj, &yj)) in gdst.iter_mut().zip(rows) {
-                    *d = g(dyj, yj);
-                }
-            }
+            // SAFETY: the masked-dy block mirrors dx; channel `ch` owns these indices.
+            let g_out = emit_g
+                .then(|| unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) });
+            let r = off..off + hw;
+            bn_dx_row(
+                dst,
+                &x[r.clone()],
+                &dy[r.clone()],
+                relu.map(|y| &y[r]),
+                (a, bx, c0, meanf),
+                g_out,
+            );
         }
         // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
         unsafe {
@@ -368,7 +335,8 @@ impl CustomOp3 for BnAddRelu {
         }
         let (w, b) = wb.split_at(c);
         let st = &self.stats;
-        let mut y = vec![0f32; x.len()];
+        // Every channel writes all of its rows below.
+        let mut y = output_buffer(x.len());
         let out = Out(y.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
             let (mean, var) = st[ch];
@@ -457,7 +425,8 @@ pub fn batch_norm_add_relu_train(
 /// `relu(x * s[c] + b[c] + r * rs[c] + rb[c])` over `(N, C, hw)`, samples in parallel; `p` is
 /// `[s, b, rs, rb]`.
 fn add_relu(x: &[f32], r: &[f32], c: usize, hw: usize, p: [&[f32]; 4]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    // Every plane of every sample is written below.
+    let mut y = output_buffer(x.len());
     let sample = (c * hw).max(1);
     y.par_chunks_mut(sample)
         .zip(x.par_chunks(sample).zip(r.par_chunks(sample)))
@@ -573,7 +542,8 @@ impl CustomOp3 for BnAddBnReluGrad {
             candle_core::bail!("bn-add-bn-relu grad: inputs of different sizes");
         }
         let m = x.len() + 2 * c;
-        let mut out = vec![0f32; 2 * m];
+        // Two bn_backward calls write all of both halves.
+        let mut out = output_buffer(2 * m);
         let (ox, or) = out.split_at_mut(m);
         let (w, rw) = (&self.p[..c], &self.p[2 * c..3 * c]);
         let d = (n, c, hw);
@@ -665,23 +635,15 @@ pub(crate) fn apply_scale_shift(
     shift: &[f32],
     relu: bool,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    // Every plane of every sample is written below.
+    let mut y = output_buffer(x.len());
     let sample = (c * hw).max(1);
     y.par_chunks_mut(sample)
         .zip(x.par_chunks(sample))
         .for_each(|(dst, src)| {
             let planes = dst.chunks_mut(hw.max(1)).zip(src.chunks(hw.max(1)));
             for (ch, (d, s)) in planes.enumerate() {
-                let (a, b) = (scale[ch], shift[ch]);
-                if relu {
-                    for (d, &v) in d.iter_mut().zip(s) {
-                        *d = (v * a + b).max(0.0);
-                    }
-                } else {
-                    for (d, &v) in d.iter_mut().zip(s) {
-                        *d = v * a + b;
-                    }
-                }
+                scale_shift_row(d, s, scale[ch], shift[ch], relu);
             }
         });
     y

@@ -14,11 +14,11 @@
 //! `dbeta`. At most three activation-sized buffers are alive inside the op at any time.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::batch_norm::{bn_backward, dims, f32s, rectified, stats_of, BnTrainOutput, Stats64};
 use crate::conv::{conv_bwd_into, conv_fwd};
 use crate::im2col::Geometry;
+use crate::util::output_buffer;
 
 /// Forward: inputs `(x, cat(weight, bias), conv weight)`.
 struct BnReluConv {
@@ -96,36 +96,26 @@ impl CustomOp3 for BnReluConvGrad {
         let dz = f32s(s3, l3)?;
         let o = l2.dims()[0];
         let h = rectified(x, l1, &self.stats, &self.wb, self.eps)?;
+        // dh must start at zero (the columns are added into it); the conv writes dW straight
+        // into the output's tail and bn_backward the rest: every element of `out`.
         let mut dh = vec![0f32; h.len()];
-        let mut dcw = vec![0f32; cw.len()];
-        conv_bwd_into(&h, cw, dz, self.g, o, Some(&mut dh), &mut dcw);
-        // The ReLU's mask, then `h` is no longer needed.
-        dh.par_chunks_mut(1 << 14)
-            .zip(h.par_chunks(1 << 14))
-            .for_each(|(d, h)| {
-                for (d, &h) in d.iter_mut().zip(h) {
-                    if h <= 0.0 {
-                        *d = 0.0;
-                    }
-                }
-            });
-        drop(h);
         let total = x.len() + 2 * c + cw.len();
-        let mut out = vec![0f32; total];
+        let mut out = output_buffer(total);
+        let (head, dcw) = out.split_at_mut(x.len() + 2 * c);
+        conv_bwd_into(&h, cw, dz, self.g, o, Some(&mut dh), dcw);
         let w = &self.wb[..c];
+        // `h`, the rectified output, is the ReLU's mask.
         bn_backward(
             x,
             &dh,
-            None,
+            Some(&h),
             (n, c, hw),
             &self.stats,
             w,
             self.eps,
-            &mut out,
+            head,
             false,
         );
-        drop(dh);
-        out[x.len() + 2 * c..].copy_from_slice(&dcw);
         Ok((CpuStorage::F32(out), Shape::from(total)))
     }
 }

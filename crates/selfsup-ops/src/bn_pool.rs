@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::batch_norm::{bn_backward, dims, f32s, rectified, stats_of, BnTrainOutput, Stats64};
 use crate::pool::{pool_bwd_into, pool_fwd, Pool};
+use crate::util::output_buffer;
 
 /// Forward: inputs `(x, cat(weight, bias))`.
 struct BnReluPool {
@@ -86,7 +87,8 @@ impl CustomOp2 for BnReluPoolGrad {
         let mut dh = vec![0f32; h.len()];
         pool_bwd_into(&h, dy, self.p, &mut dh);
         let total = x.len() + 2 * c;
-        let mut out = vec![0f32; total];
+        // bn_backward writes dx, dw and db: every element.
+        let mut out = output_buffer(total);
         let w = &self.wb[..c];
         bn_backward(
             x,

@@ -30,3 +30,196 @@ pub(crate) fn storage_f32s<'a>(
         _ => candle_core::bail!("{op}: not on the CPU"),
     }
 }
+
+// The row kernels below are compiled twice, for the baseline x86-64 (SSE2) and for AVX2 + FMA,
+// and pick at run time (`multiversion`, which caches the choice): the workspace builds for the
+// baseline so that the binary runs on any x86-64, and these loops are where the ops spend
+// their non-matrix-product time. `gemm` does the same for the matrix products.
+
+/// Independent accumulators of the row reductions below: a float sum is a chain of dependent
+/// additions that the compiler may not reorder, so one accumulator runs at the latency of an
+/// add; eight fill an AVX register and run at its throughput. The order is fixed, so results
+/// do not depend on threads.
+const LANES: usize = 8;
+
+/// `Σ v_j` in `f64`.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+pub(crate) fn sum_f64(v: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()
+}
+
+/// `Σ (v_j - mean)²` in `f64`.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+pub(crate) fn sq_dev_f64(v: &[f32], mean: f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] as f64 - mean;
+            acc[l] += d * d;
+        }
+    }
+    let tail: f64 = rest
+        .iter()
+        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// The gradient reaching a normalised output: `dy`, or 0 where the rectified output `y <= 0`.
+#[inline(always)]
+fn masked(dy: f32, y: f32) -> f32 {
+    if y <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
+/// BatchNorm backward's two row sums, `(Σ g_j, Σ g_j (x_j - mean))`, where `g_j = dy_j`, or
+/// (with `y`, the rectified output of a fused ReLU) 0 where `y_j <= 0`.
+pub(crate) fn bn_row_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32) -> (f32, f32) {
+    match y {
+        Some(y) => bn_row_sums_relu(x, dy, y, mean),
+        None => bn_row_sums_plain(x, dy, mean),
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn bn_row_sums_relu(x: &[f32], dy: &[f32], y: &[f32], mean: f32) -> (f32, f32) {
+    let (mut sb, mut sx) = ([0f32; LANES], [0f32; LANES]);
+    let n = x.len().min(dy.len()).min(y.len()) / LANES * LANES;
+    for ((xc, dc), yc) in x[..n]
+        .chunks_exact(LANES)
+        .zip(dy[..n].chunks_exact(LANES))
+        .zip(y[..n].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let gj = masked(dc[l], yc[l]);
+            sb[l] += gj;
+            sx[l] += gj * (xc[l] - mean);
+        }
+    }
+    let (mut b, mut s) = (sb.iter().sum::<f32>(), sx.iter().sum::<f32>());
+    for j in n..x.len() {
+        let gj = masked(dy[j], y[j]);
+        b += gj;
+        s += gj * (x[j] - mean);
+    }
+    (b, s)
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn bn_row_sums_plain(x: &[f32], dy: &[f32], mean: f32) -> (f32, f32) {
+    let (mut sb, mut sx) = ([0f32; LANES], [0f32; LANES]);
+    let n = x.len().min(dy.len()) / LANES * LANES;
+    for (xc, dc) in x[..n].chunks_exact(LANES).zip(dy[..n].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            sb[l] += dc[l];
+            sx[l] += dc[l] * (xc[l] - mean);
+        }
+    }
+    let (mut b, mut s) = (sb.iter().sum::<f32>(), sx.iter().sum::<f32>());
+    for j in n..x.len() {
+        b += dy[j];
+        s += dy[j] * (x[j] - mean);
+    }
+    (b, s)
+}
+
+/// BatchNorm backward's input gradient over a row: `d_j = a g_j + bx (x_j - mean) + c0`, `g_j`
+/// as in [`bn_row_sums`]; with `g_out`, `g_j` is written there too.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_dx_row(
+    d: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    y: Option<&[f32]>,
+    (a, bx, c0, mean): (f32, f32, f32, f32),
+    g_out: Option<&mut [f32]>,
+) {
+    match y {
+        Some(y) => bn_dx_row_relu(d, x, dy, y, a, bx, c0, mean),
+        None => bn_dx_row_plain(d, x, dy, a, bx, c0, mean),
+    }
+    if let Some(go) = g_out {
+        match y {
+            Some(y) => mask_row(go, dy, y),
+            None => go.copy_from_slice(dy),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn bn_dx_row_relu(
+    d: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    y: &[f32],
+    a: f32,
+    bx: f32,
+    c0: f32,
+    mean: f32,
+) {
+    for (d, ((&xj, &dyj), &yj)) in d.iter_mut().zip(x.iter().zip(dy).zip(y)) {
+        *d = a * masked(dyj, yj) + bx * (xj - mean) + c0;
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn bn_dx_row_plain(d: &mut [f32], x: &[f32], dy: &[f32], a: f32, bx: f32, c0: f32, mean: f32) {
+    for (d, (&xj, &dyj)) in d.iter_mut().zip(x.iter().zip(dy)) {
+        *d = a * dyj + bx * (xj - mean) + c0;
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn mask_row(d: &mut [f32], dy: &[f32], y: &[f32]) {
+    for (d, (&dyj, &yj)) in d.iter_mut().zip(dy.iter().zip(y)) {
+        *d = masked(dyj, yj);
+    }
+}
+
+/// `d_j = s_j a + b`, then `max(0, ·)` with `relu`: BatchNorm's folded affine over a row.
+pub(crate) fn scale_shift_row(d: &mut [f32], s: &[f32], a: f32, b: f32, relu: bool) {
+    if relu {
+        scale_shift_relu_row(d, s, a, b)
+    } else {
+        scale_shift_plain_row(d, s, a, b)
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn scale_shift_relu_row(d: &mut [f32], s: &[f32], a: f32, b: f32) {
+    for (d, &v) in d.iter_mut().zip(s) {
+        *d = (v * a + b).max(0.0);
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn scale_shift_plain_row(d: &mut [f32], s: &[f32], a: f32, b: f32) {
+    for (d, &v) in d.iter_mut().zip(s) {
+        *d = v * a + b;
+    }
+}
+
+/// A buffer of `n` values for an output whose every element the caller writes before anything
+/// reads it. `vec![0.0; n]` would zero it first: a full extra pass over memory per op (3% of a
+/// small-cnn training step's samples were in that `memset`).
+pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n`; `f32` has no invalid bit patterns, and every caller writes
+    // all `n` elements before the buffer is read or returned (each use says how).
+    unsafe { v.set_len(n) };
+    v
+}

@@ -142,6 +142,29 @@ fn ties_send_the_gradient_to_the_first_maximum() {
 }
 
 #[test]
+fn a_nan_wins_its_window_and_takes_the_gradient() {
+    // As PyTorch: the NaN is the window's maximum, so the output is NaN and the gradient goes
+    // to it; the other windows of the plane are unaffected.
+    let dev = Device::Cpu;
+    let mut v: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    v[4] = f32::NAN; // window (0, 0) holds 0, 1, 4, 5
+    let x = Var::from_tensor(&Tensor::from_vec(v, (1, 1, 4, 4), &dev).unwrap()).unwrap();
+    let y = selfsup_ops::max_pool2d(x.as_tensor(), 2, 2, 0).unwrap();
+    let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(yv[0].is_nan());
+    assert_eq!(&yv[1..], &[7., 13., 15.]);
+    let r = Tensor::new(&[1f32, 2., 3., 4.], &dev)
+        .unwrap()
+        .reshape((1, 1, 2, 2))
+        .unwrap();
+    let g = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+    let mut expected = [0f32; 16];
+    (expected[4], expected[7], expected[13], expected[15]) = (1., 2., 3., 4.);
+    assert_eq!(dx.to_vec1::<f32>().unwrap(), expected);
+}
+
+#[test]
 fn bad_geometry_is_an_error() {
     let x = Tensor::zeros((1, 1, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(selfsup_ops::max_pool2d(&x, 0, 1, 0).is_err());
