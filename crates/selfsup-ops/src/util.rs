@@ -76,8 +76,10 @@ pub(crate) fn sq_dev_f64(v: &[f32], mean: f64) -> f64 {
 }
 
 /// The gradient reaching a normalised output: `dy`, or 0 where the rectified output `y <= 0`.
-/// A bit mask rather than a select, which the compiler turned into a branch per lane.
+/// A bit mask rather than a select, which the compiler turned into a branch per lane. `!(y <=
+/// 0)`, not `y > 0`: a NaN output passes its gradient, as the original select did.
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn masked(dy: f32, y: f32) -> f32 {
     let keep = (!(y <= 0.0) as u32).wrapping_neg();
     f32::from_bits(dy.to_bits() & keep)
