@@ -13,6 +13,7 @@ fn conv2d_matches_candle_values_and_gradients() {
         (1, 3, 8, 9, 9),
         (3, 3, 16, 12, 10),
         (2, 64, 32, 8, 8),
+        (3, 16, 24, 7, 9),
         (5, 7, 5, 11, 13),
     ] {
         for k in [1usize, 3, 5, 7] {
