@@ -7,6 +7,15 @@ fn selfsup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_selfsup"))
 }
 
+/// The command succeeded, or its standard error in the failure.
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_folder(root: &Path) {
     let data = selfsup_data::synthetic::stripes(48, 16, 2, 5);
     for i in 0..48 {
@@ -51,11 +60,7 @@ fn train_resume_embed_and_errors() {
     )
     .unwrap();
     let out = common("1").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("done: 1 epochs"));
     // A second run into the same folder without --resume is refused...
     let out = common("2").output().unwrap();
@@ -63,11 +68,7 @@ fn train_resume_embed_and_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
     // ...and continues with it.
     let out = common("2").arg("--resume").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("done: 2 epochs"));
     // The curves as a picture; a half-written last line (a killed run) is skipped.
     let mut m = std::fs::OpenOptions::new()
@@ -80,11 +81,7 @@ fn train_resume_embed_and_errors() {
         .args(["plot", run.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let png = image::open(run.join("metrics.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1500, 420));
     // Embeddings of the folder.
@@ -101,11 +98,7 @@ fn train_resume_embed_and_errors() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let t = candle_core::safetensors::load(&emb, &candle_core::Device::Cpu).unwrap();
     assert_eq!(t["embeddings"].dims(), &[48, 256]);
     assert_eq!(t["labels"].dims(), &[48]);
@@ -164,11 +157,7 @@ fn methods_bring_their_defaults_and_flags_override_them() {
             .args(args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         String::from_utf8(out.stdout).unwrap()
     };
     let byol = cfg(&["--method", "byol"]);
@@ -231,11 +220,7 @@ fn a_hybrid_trains_from_the_cli() {
         .args(["--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(
         m.contains("\"aux_loss\"") && m.contains("\"rot_acc\""),
@@ -294,11 +279,7 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(": #7 horse (1.000)"), "{stdout}");
     let img = image::open(&png).unwrap();
@@ -316,11 +297,7 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("top-1"));
     // Low-label protocol on the same tiny data: the table goes to stdout and OUT/results.md.
     let ll = d.path().join("ll");
@@ -342,11 +319,7 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| 50% (50 images) |"), "{stdout}");
     let saved = std::fs::read_to_string(ll.join("results.md")).unwrap();
@@ -370,11 +343,7 @@ fn a_colorization_run_is_embedded_from_grey_images() {
         .args([run.to_str().unwrap(), "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let embed = |name: &str, input: &str| {
         let emb = d.path().join(name);
         let out = selfsup()
@@ -384,11 +353,7 @@ fn a_colorization_run_is_embedded_from_grey_images() {
             .args(["--input", input])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         candle_core::safetensors::load(&emb, &candle_core::Device::Cpu).unwrap()["embeddings"]
             .flatten_all()
             .unwrap()
