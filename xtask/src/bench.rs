@@ -394,10 +394,7 @@ fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
             temperature: 0.5,
         },
         0,
-        &Placement {
-            device: dev.clone(),
-            dtype: DType::F32,
-        },
+        &Placement::new(dev.clone(), DType::F32),
     )?;
     let params = selfsup_train::method_params(&m);
     let mut opt = Optim::new(OptimConfig::defaults(OptimizerKind::Sgd), params)?;

@@ -75,10 +75,7 @@ fn supervised(
         &kind,
         10,
         ll.seed,
-        &Placement {
-            device: device.clone(),
-            dtype: DType::F32,
-        },
+        &Placement::new(device.clone(), DType::F32),
     )?;
     if pretrained {
         let w = ll.weights.as_ref().context("no pretrained weights")?;

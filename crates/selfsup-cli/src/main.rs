@@ -13,7 +13,7 @@ use selfsup_data::{
 use selfsup_eval::{extract_features, knn, linear_probe, KnnConfig, LinearProbeConfig};
 use selfsup_methods::GreyInput;
 use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
-use selfsup_train::setup::{build_trainer, check_method_name, inference_encoder, RunData};
+use selfsup_train::setup::{build_trainer_dist, check_method_name, inference_encoder, RunData};
 use selfsup_train::{checkpoint, parse_device, TrainConfig};
 
 // mimalloc keeps freed pages for reuse: candle allocates a fresh buffer per op, and with the
@@ -190,6 +190,17 @@ struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Stop after this many epochs of this call, checkpointed and resumable with --resume (for
+    /// a cluster's time limit); the schedule stays that of --epochs.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Data-parallel world: auto (MPI when started by mpirun / srun), single, or mpi.
+    /// --batch-size stays the global batch; each rank takes batch / ranks images.
+    #[arg(long, default_value = "auto")]
+    dist: String,
+    /// Data-parallel runs: BatchNorm statistics over the global batch (SyncBatchNorm).
+    #[arg(long)]
+    sync_bn: bool,
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -387,6 +398,9 @@ fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(o) = &a.optimizer {
         cfg.optimizer = o.parse()?;
     }
+    if a.sync_bn {
+        cfg.sync_bn = true;
+    }
     cfg.validate()?;
     check_method_name(&cfg.method)?;
     cfg.encoder.parse::<EncoderKind>()?;
@@ -461,10 +475,65 @@ fn run_data(cfg: &TrainConfig) -> Result<RunData> {
 }
 
 fn train(a: &TrainArgs) -> Result<()> {
-    let cfg = effective_config(a)?;
+    let mode: selfsup_dist::Mode = a.dist.parse()?;
+    let comm = selfsup_dist::init(mode)?;
+    let r = train_on(a, comm.clone());
+    if let (Err(e), true) = (&r, comm.world_size() > 1) {
+        // Stop every rank now: the others would wait in their next collective forever.
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!(
+            "error: rank {} of {}: {msg}",
+            comm.rank(),
+            comm.world_size()
+        );
+        comm.abort(2);
+    }
+    r
+}
+
+/// Threads per rank when `--threads 0`: the machine's cores shared by the ranks on this node.
+fn threads_per_rank(world: usize) -> usize {
+    let local = [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+    .unwrap_or(world)
+    .max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / local).max(1)
+}
+
+fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
+    let mut cfg = effective_config(a)?;
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
+    }
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world > 1 && cfg.threads == 0 {
+        cfg.threads = threads_per_rank(world);
+    }
+    if world > 1 && cfg.batch_size % world != 0 {
+        bail!(
+            "--batch-size {} is the global batch and must be a multiple of the {world} ranks",
+            cfg.batch_size
+        );
+    }
+    if world > 1 {
+        tracing::info!(
+            "rank {rank} of {world} ({}): {} images per rank and step, {} threads per rank{}",
+            comm.engine(),
+            cfg.batch_size / world,
+            cfg.threads,
+            if cfg.sync_bn {
+                ", synchronised BatchNorm"
+            } else {
+                ""
+            }
+        );
     }
     set_threads(cfg.threads);
     let out = Path::new(&cfg.out);
@@ -474,12 +543,22 @@ fn train(a: &TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    let data = run_data(&cfg)?;
-    let mut t = build_trainer(&cfg, data)?;
+    // Rank 0 fetches / unpacks the data first; the others then read what it left.
+    if rank != 0 {
+        comm.barrier()?;
+    }
+    let data = run_data(&cfg);
+    if rank == 0 {
+        comm.barrier()?;
+    }
+    let mut t = build_trainer_dist(&cfg, data?, comm.clone())?;
     if a.resume && !t.resume()? {
         tracing::warn!("no checkpoint in {}: starting from scratch", out.display());
     }
-    let s = t.fit(None)?;
+    let s = t.fit(a.stop_after)?;
+    if rank != 0 {
+        return Ok(());
+    }
     println!(
         "done: {} epochs, {} steps, loss {:.4}, {:.0} images/s, data wait {:.1}%{}; checkpoint in {}",
         s.epochs,
@@ -583,6 +662,7 @@ pub(crate) fn eval_loader(
         seed: 0,
         threads,
         prefetch: 2,
+        shard: (0, 1),
     };
     Ok(Loader::new(
         Arc::new(ds),

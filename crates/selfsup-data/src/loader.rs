@@ -33,6 +33,10 @@ pub struct LoaderConfig {
     pub threads: usize,
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
+    /// Data-parallel shard `(rank, world)`: each batch of `batch_size` (the global batch) is
+    /// split into `world` equal consecutive parts and this loader yields part `rank`. The
+    /// epoch order and every augmentation are the same for any `world`. `(0, 1)`: everything.
+    pub shard: (usize, usize),
 }
 
 impl Default for LoaderConfig {
@@ -44,6 +48,7 @@ impl Default for LoaderConfig {
             seed: 0,
             threads: 0,
             prefetch: 2,
+            shard: (0, 1),
         }
     }
 }
@@ -89,6 +94,18 @@ impl Loader {
         }
         if views.is_empty() {
             return Err(Error::Config("at least one view is needed".into()));
+        }
+        let (rank, world) = cfg.shard;
+        if world == 0 || rank >= world {
+            return Err(Error::Config(format!(
+                "shard {rank} of {world} does not exist"
+            )));
+        }
+        if world > 1 && (!cfg.drop_last || cfg.batch_size % world != 0) {
+            return Err(Error::Config(format!(
+                "batch size {} must be a multiple of the {world} ranks (each rank takes batch / ranks images) and drop_last set",
+                cfg.batch_size
+            )));
         }
         if dataset.is_empty() {
             return Err(Error::Config("the dataset is empty".into()));
@@ -171,9 +188,15 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("selfsup-prefetch".into())
             .spawn(move || {
+                let (rank, world) = inner.cfg.shard;
+                let part = b / world;
                 for bi in start..nb {
-                    let end = ((bi + 1) * b).min(order.len());
-                    let batch = inner.build(epoch, &order[bi * b..end]);
+                    let (lo, hi) = if world > 1 {
+                        (bi * b + rank * part, bi * b + (rank + 1) * part)
+                    } else {
+                        (bi * b, ((bi + 1) * b).min(order.len()))
+                    };
+                    let batch = inner.build(epoch, &order[lo..hi]);
                     let stop = batch.is_err();
                     if tx.send(batch).is_err() || stop {
                         break;

@@ -45,6 +45,7 @@ impl Default for ByolConfig {
 
 /// BYOL.
 pub struct Byol {
+    comm: selfsup_dist::Comm,
     varmap: VarMap,
     encoder: Box<dyn Encoder>,
     projector: Head,
@@ -72,6 +73,7 @@ impl Byol {
         let target_projector = Head::new(&proj, vb.pp("target_projection_head"))?;
         let pairs = target_pairs(&varmap, &["encoder.", "projection_head."])?;
         Ok(Self {
+            comm: at.comm.clone(),
             varmap,
             encoder,
             projector,
@@ -106,8 +108,11 @@ impl Method for Byol {
             .target_projector
             .forward_t(&self.target_encoder.forward_t(&x, true)?, true)?
             .detach();
-        let (p0, p1) = (p.narrow(0, 0, n)?, p.narrow(0, n, n)?);
-        let (t0, t1) = (zt.narrow(0, 0, n)?, zt.narrow(0, n, n)?);
+        // Every rank's rows: the loss (a mean over the global batch) is the same on each.
+        let g = |t: Tensor| crate::gather(&self.comm, &t);
+        let gd = |t: Tensor| crate::gather_detached(&self.comm, &t);
+        let (p0, p1) = (g(p.narrow(0, 0, n)?)?, g(p.narrow(0, n, n)?)?);
+        let (t0, t1) = (gd(zt.narrow(0, 0, n)?)?, gd(zt.narrow(0, n, n)?)?);
         // (2 - 2cos(p0, t1) + 2 - 2cos(p1, t0)) / 2 = 2 - mean cos(p0, t1) - mean cos(p1, t0)
         let cos = (cosine_similarity(&p0, &t1)?.mean_all()?
             + cosine_similarity(&p1, &t0)?.mean_all()?)?;

@@ -8,9 +8,12 @@ use selfsup_models::{build_encoder, seeded_var_builder, Encoder, EncoderKind, He
 
 use selfsup_losses::PairLoss;
 
-use crate::{two_views, Placement, Result, StepOutput};
+use selfsup_dist::Comm;
+
+use crate::{gather, two_views, Placement, Result, StepOutput};
 
 pub(crate) struct EncoderHead {
+    pub comm: Comm,
     pub varmap: VarMap,
     pub encoder: Box<dyn Encoder>,
     pub head: Head,
@@ -29,20 +32,26 @@ impl EncoderHead {
         let encoder = build_encoder(kind, vb.pp("encoder"))?;
         let head = Head::new(&head(encoder.feature_dim()), vb.pp("projection_head"))?;
         Ok(Self {
+            comm: at.comm.clone(),
             varmap,
             encoder,
             head,
         })
     }
 
-    /// Projections of both views, computed as one batch of `2N` (BatchNorm sees both views).
+    /// Projections of both views, computed as one batch of `2N` (BatchNorm sees both views),
+    /// then gathered from every rank (`(world * N, D)` each, rank 0's rows first), so the loss
+    /// sees the global batch.
     pub fn project_pair(&self, v0: &Tensor, v1: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = v0.dim(0)?;
         let x = Tensor::cat(&[v0, v1], 0)?;
         let z = self
             .head
             .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
-        Ok((z.narrow(0, 0, n)?, z.narrow(0, n, n)?))
+        Ok((
+            gather(&self.comm, &z.narrow(0, 0, n)?)?,
+            gather(&self.comm, &z.narrow(0, n, n)?)?,
+        ))
     }
 }
 

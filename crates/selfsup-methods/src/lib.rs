@@ -60,6 +60,7 @@ pub use vicreg::{VicregConfig, VicregMethod};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use selfsup_dist::Comm;
 use selfsup_models::Encoder;
 
 /// Prefix of the encoder's variables in a method's `VarMap`.
@@ -93,6 +94,9 @@ pub enum Error {
     /// From the losses crate.
     #[error(transparent)]
     Loss(#[from] selfsup_losses::Error),
+    /// A collective (data-parallel training) failed.
+    #[error(transparent)]
+    Dist(#[from] selfsup_dist::Error),
     /// Wrong views or configuration.
     #[error("{0}")]
     Config(String),
@@ -108,6 +112,7 @@ impl From<Error> for selfsup_models::Error {
         match e {
             Error::Candle(e) => Self::Candle(e),
             Error::Model(e) => e,
+            Error::Dist(e) => Self::Dist(e),
             e => Self::Config(e.to_string()),
         }
     }
@@ -192,11 +197,35 @@ pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// The device and dtype a method is built on.
+/// The device and dtype a method is built on, and the ranks it trains with.
 #[derive(Clone, Debug)]
 pub struct Placement {
     /// Device.
     pub device: Device,
     /// Parameter dtype.
     pub dtype: DType,
+    /// The data-parallel group: losses see the embeddings of every rank's batch (gathered with
+    /// a gradient), MoCo enqueues every rank's keys. [`selfsup_dist::single`] for one process.
+    pub comm: Comm,
+}
+
+impl Placement {
+    /// One process on `device` with `dtype` parameters.
+    pub fn new(device: Device, dtype: DType) -> Self {
+        Self {
+            device,
+            dtype,
+            comm: selfsup_dist::single(),
+        }
+    }
+}
+
+/// `x` (`(n, ...)`) of every rank, rank 0's rows first, with a gradient to this rank's rows.
+pub(crate) fn gather(comm: &Comm, x: &Tensor) -> Result<Tensor> {
+    Ok(selfsup_dist::all_gather(comm, x)?)
+}
+
+/// Every rank's `x`, without gradient (keys, labels).
+pub(crate) fn gather_detached(comm: &Comm, x: &Tensor) -> Result<Tensor> {
+    Ok(selfsup_dist::all_gather_detached(comm, x)?)
 }

@@ -59,6 +59,7 @@ impl Default for MocoConfig {
 
 /// MoCo v2.
 pub struct Moco {
+    comm: selfsup_dist::Comm,
     varmap: VarMap,
     encoder: Box<dyn Encoder>,
     head: Head,
@@ -105,6 +106,7 @@ impl Moco {
         let ptr = var(&varmap, "state.queue_ptr");
         let pairs = target_pairs(&varmap, &["encoder.", "projection_head."])?;
         Ok(Self {
+            comm: at.comm.clone(),
             varmap,
             encoder,
             head,
@@ -176,20 +178,24 @@ impl Method for Moco {
                 .head
                 .forward_t(&self.encoder.forward_t(x, true)?, true)?)
         };
+        // Queries and keys of every rank: the loss covers the global batch, and the queue
+        // takes every rank's keys (the same queue on each rank).
+        let g = |t: Tensor| crate::gather(&self.comm, &t);
+        let gd = |t: Tensor| crate::gather_detached(&self.comm, &t);
         let (loss, q0, enq) = if self.cfg.symmetric {
             let n = v0.dim(0)?;
             let x = Tensor::cat(&[v0, v1], 0)?;
             let q = query(&x)?;
             let k = self.keys(&x)?;
-            let (q0, q1) = (q.narrow(0, 0, n)?, q.narrow(0, n, n)?);
-            let (k0, k1) = (k.narrow(0, 0, n)?, k.narrow(0, n, n)?);
+            let (q0, q1) = (g(q.narrow(0, 0, n)?)?, g(q.narrow(0, n, n)?)?);
+            let (k0, k1) = (gd(k.narrow(0, 0, n)?)?, gd(k.narrow(0, n, n)?)?);
             let l = ((self.loss.loss_with_negatives(&q0, &k1, Some(&queue))?
                 + self.loss.loss_with_negatives(&q1, &k0, Some(&queue))?)?
                 * 0.5)?;
             (l, q0, k1)
         } else {
-            let q0 = query(v0)?;
-            let k1 = self.keys(v1)?;
+            let q0 = g(query(v0)?)?;
+            let k1 = gd(self.keys(v1)?)?;
             let l = self.loss.loss_with_negatives(&q0, &k1, Some(&queue))?;
             (l, q0, k1)
         };

@@ -165,9 +165,11 @@ impl Method for PairsMethod {
 
     fn forward_loss(&self, views: &[Tensor], labels: Option<&Tensor>) -> Result<StepOutput> {
         let (v0, v1) = two_views(views, "pairs")?;
-        let n = v0.dim(0)?;
+        let n = v0.dim(0)? * self.inner.comm.world_size();
         let lv = match labels {
-            Some(l) if self.cfg.use_labels => Some(l.to_vec1::<u32>()?),
+            Some(l) if self.cfg.use_labels => {
+                Some(crate::gather_detached(&self.inner.comm, l)?.to_vec1::<u32>()?)
+            }
             _ => None,
         };
         let pairs = self.sampler.sample(n, lv.as_deref())?;

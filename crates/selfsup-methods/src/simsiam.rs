@@ -44,6 +44,7 @@ pub fn simsiam_loss(p0: &Tensor, p1: &Tensor, z0: &Tensor, z1: &Tensor) -> Resul
 
 /// SimSiam.
 pub struct SimSiam {
+    comm: selfsup_dist::Comm,
     varmap: VarMap,
     encoder: Box<dyn Encoder>,
     projector: Head,
@@ -66,6 +67,7 @@ impl SimSiam {
             vb.pp("prediction_head"),
         )?;
         Ok(Self {
+            comm: at.comm.clone(),
             varmap,
             encoder,
             projector,
@@ -87,8 +89,10 @@ impl Method for SimSiam {
             .projector
             .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
         let p = self.predictor.forward_t(&z, true)?;
-        let (z0, z1) = (z.narrow(0, 0, n)?, z.narrow(0, n, n)?);
-        let (p0, p1) = (p.narrow(0, 0, n)?, p.narrow(0, n, n)?);
+        // Every rank's rows: the loss (a mean over the global batch) is the same on each.
+        let g = |t: Tensor| crate::gather(&self.comm, &t);
+        let (z0, z1) = (g(z.narrow(0, 0, n)?)?, g(z.narrow(0, n, n)?)?);
+        let (p0, p1) = (g(p.narrow(0, 0, n)?)?, g(p.narrow(0, n, n)?)?);
         let loss = simsiam_loss(&p0, &p1, &z0, &z1)?;
         Ok(StepOutput {
             loss,

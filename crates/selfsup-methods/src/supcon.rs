@@ -62,7 +62,9 @@ impl Method for SupConMethod {
         let (z0, z1) = self.inner.project_pair(v0, v1)?;
         let f = Tensor::stack(&[&z0, &z1], 1)?;
         Ok(StepOutput {
-            loss: self.loss.loss(&f, labels)?,
+            loss: self
+                .loss
+                .loss(&f, &crate::gather_detached(&self.inner.comm, labels)?)?,
             metrics: vec![],
             embeddings: z0.detach(),
         })

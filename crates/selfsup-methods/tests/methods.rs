@@ -7,10 +7,7 @@ use selfsup_methods::*;
 use selfsup_models::EncoderKind;
 
 fn at() -> Placement {
-    Placement {
-        device: Device::Cpu,
-        dtype: DType::F32,
-    }
+    Placement::new(Device::Cpu, DType::F32)
 }
 
 fn views(n: usize, seed: u64) -> Vec<Tensor> {

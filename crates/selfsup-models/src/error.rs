@@ -6,6 +6,9 @@ pub enum Error {
     /// An error from candle (shapes, dtypes, devices).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of synchronised BatchNorm failed.
+    #[error(transparent)]
+    Dist(#[from] selfsup_dist::Error),
     /// A configuration that makes no sense (unknown encoder, bad width, ...).
     #[error("invalid model configuration: {0}")]
     Config(String),

@@ -7,10 +7,38 @@
 //! | [`Linear`] | `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` | same bound |
 //! | [`BatchNorm`] | weight 1, bias 0, running mean 0, running var 1 | |
 
+use std::cell::RefCell;
+
 use candle_core::{Module, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
+use selfsup_dist::Comm;
 
 use crate::Result;
+
+thread_local! {
+    static SYNC_BN: RefCell<Option<Comm>> = const { RefCell::new(None) };
+}
+
+/// While the returned guard lives, every [`BatchNorm`] built on this thread synchronises its
+/// training statistics over `comm`'s ranks (SyncBatchNorm); dropping it restores what was
+/// before. Encoders and heads are built unchanged inside the scope, as PyTorch's
+/// `convert_sync_batchnorm` converts a model built without knowing of ranks.
+pub fn sync_batch_norm_scope(comm: Option<Comm>) -> SyncBnScope {
+    let prev = SYNC_BN.with(|s| s.replace(comm.filter(|c| c.world_size() > 1)));
+    SyncBnScope { prev }
+}
+
+/// Guard of [`sync_batch_norm_scope`].
+pub struct SyncBnScope {
+    prev: Option<Comm>,
+}
+
+impl Drop for SyncBnScope {
+    fn drop(&mut self) {
+        let prev = self.prev.take();
+        SYNC_BN.with(|s| *s.borrow_mut() = prev);
+    }
+}
 
 /// Names of buffers that are saved with the weights but never optimised.
 pub fn is_buffer(name: &str) -> bool {
@@ -172,6 +200,8 @@ pub struct BatchNorm {
     pub momentum: f64,
     /// Added to the variance.
     pub eps: f64,
+    /// Ranks whose batches form one BatchNorm batch in training (SyncBatchNorm), if any.
+    pub sync: Option<Comm>,
 }
 
 /// BatchNorm with affine parameters (PyTorch defaults: eps 1e-5, momentum 0.1).
@@ -198,6 +228,7 @@ pub fn batch_norm_opts(c: usize, affine: bool, vb: VarBuilder) -> Result<BatchNo
         running_var: Var::from_tensor(&rv)?,
         momentum: 0.1,
         eps: 1e-5,
+        sync: SYNC_BN.with(|s| s.borrow().clone()),
     })
 }
 
@@ -357,6 +388,7 @@ impl BatchNorm {
 
     fn fused(&self, x: &Tensor, train: bool) -> bool {
         train
+            && self.sync.is_none()
             && x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && self.weight.is_some()
@@ -384,14 +416,16 @@ impl BatchNorm {
         }
         let (mean, var) = if train {
             let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-            let n = x.elem_count() / c;
-            let mean = x
-                .sum_keepdim(dims.as_slice())?
+            // Per-channel sums over this rank's batch, or (synchronised) over every rank's:
+            // the all-reduce is differentiable, so the backward sums over ranks too.
+            let world = self.sync.as_ref().map_or(1, |c| c.world_size());
+            let n = x.elem_count() / c * world;
+            let mean = self
+                .batch_total(x.sum_keepdim(dims.as_slice())?)?
                 .affine(1.0 / n as f64, 0.0)?;
             let xc = x.broadcast_sub(&mean)?;
-            let var = xc
-                .sqr()?
-                .sum_keepdim(dims.as_slice())?
+            let var = self
+                .batch_total(xc.sqr()?.sum_keepdim(dims.as_slice())?)?
                 .affine(1.0 / n as f64, 0.0)?;
             self.update_running(&mean.flatten_all()?, &var.flatten_all()?, n)?;
             let inv = (var + self.eps)?.sqrt()?.recip()?;
@@ -412,6 +446,14 @@ impl BatchNorm {
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
         Ok((self.affine(y, &shape)?, false))
+    }
+
+    /// A per-channel sum over the BatchNorm batch: this rank's, or every rank's when synchronised.
+    fn batch_total(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match &self.sync {
+            Some(comm) => selfsup_dist::all_reduce_sum(comm, &t)?,
+            None => t,
+        })
     }
 
     /// Eval mode as `x * scale + shift`: the running statistics and affine parameters folded

@@ -30,6 +30,13 @@ pub struct TrainState {
     pub feature_dim: usize,
     /// Last kNN top-1, if measured.
     pub knn_top1: Option<f64>,
+    /// Data-parallel ranks the run trained with (1: one process).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Folder name of the current checkpoint.

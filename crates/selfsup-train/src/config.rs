@@ -95,6 +95,10 @@ pub struct TrainConfig {
     pub knn_test_subset: usize,
     /// Log a metrics line every N steps.
     pub log_every: usize,
+    /// Data-parallel runs: BatchNorm statistics over the global batch (every rank's samples),
+    /// forward and backward. Without it each rank normalises its own batch and the running
+    /// statistics are rank 0's, as in PyTorch DDP. No effect in one process.
+    pub sync_bn: bool,
 }
 
 impl Default for TrainConfig {
@@ -142,6 +146,7 @@ impl Default for TrainConfig {
             knn_temperature: 0.1,
             knn_test_subset: 0,
             log_every: 20,
+            sync_bn: false,
         }
     }
 }

@@ -52,6 +52,9 @@ pub enum Error {
         /// The loss value.
         value: f64,
     },
+    /// A collective of data-parallel training failed.
+    #[error(transparent)]
+    Dist(#[from] selfsup_dist::Error),
     /// I/O with a path.
     #[error("{path}: {source}")]
     Io {

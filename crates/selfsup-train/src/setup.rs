@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use selfsup_data::{preset_views, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset};
+use selfsup_dist::Comm;
 use selfsup_methods::{
     Barlow, BarlowConfig, Byol, ByolConfig, Colorization, ColorizationConfig, GreyInput, Hybrid,
     Method, Moco, MocoConfig, Momentum, PairsConfig, PairsMethod, Placement, Pretext,
@@ -117,6 +118,8 @@ pub fn build_method(
     at: &Placement,
 ) -> Result<Box<dyn Method>> {
     check_method_name(&cfg.method)?;
+    // Every BatchNorm built below synchronises over the ranks when asked to.
+    let _sync = selfsup_models::layers::sync_batch_norm_scope(cfg.sync_bn.then(|| at.comm.clone()));
     let kind: EncoderKind = cfg
         .encoder
         .parse()
@@ -273,6 +276,7 @@ fn eval_loader(
         seed: cfg.seed,
         threads: cfg.threads,
         prefetch: 2,
+        shard: (0, 1),
     };
     Ok(Loader::new(
         ds,
@@ -281,13 +285,21 @@ fn eval_loader(
     )?)
 }
 
-/// A trainer for `cfg` over `data`.
+/// A trainer for `cfg` over `data`, in one process.
 pub fn build_trainer(cfg: &TrainConfig, data: RunData) -> Result<Trainer> {
+    build_trainer_dist(cfg, data, selfsup_dist::single())
+}
+
+/// A trainer for `cfg` over `data` as one rank of `comm`: the loader yields this rank's part of
+/// every global batch, the method gathers embeddings from every rank, BatchNorm synchronises
+/// with `cfg.sync_bn`.
+pub fn build_trainer_dist(cfg: &TrainConfig, data: RunData, comm: Comm) -> Result<Trainer> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
     let at = Placement {
         device,
         dtype: DType::F32,
+        comm: comm.clone(),
     };
     let classes = data
         .train
@@ -304,7 +316,7 @@ pub fn build_trainer(cfg: &TrainConfig, data: RunData) -> Result<Trainer> {
         )));
     }
     let method = build_method(cfg, classes, &data.normalize, &at)?;
-    build_trainer_with(cfg, data, method)
+    build_trainer_with_dist(cfg, data, method, comm)
 }
 
 /// A trainer for `cfg` over `data` with a method built elsewhere (fine-tuning, baselines).
@@ -312,6 +324,17 @@ pub fn build_trainer_with(
     cfg: &TrainConfig,
     data: RunData,
     method: Box<dyn Method>,
+) -> Result<Trainer> {
+    build_trainer_with_dist(cfg, data, method, selfsup_dist::single())
+}
+
+/// [`build_trainer_with`] as one rank of `comm` (the method must have been built with the same
+/// `comm` in its [`Placement`]).
+pub fn build_trainer_with_dist(
+    cfg: &TrainConfig,
+    data: RunData,
+    method: Box<dyn Method>,
+    comm: Comm,
 ) -> Result<Trainer> {
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
@@ -331,6 +354,7 @@ pub fn build_trainer_with(
         seed: cfg.seed,
         threads: cfg.threads,
         prefetch: 3,
+        shard: (comm.rank(), comm.world_size()),
     };
     let loader = Loader::new(
         train.clone(),
@@ -354,5 +378,5 @@ pub fn build_trainer_with(
         }
         _ => None,
     };
-    Trainer::new(cfg.clone(), method, loader, monitor, device)
+    Trainer::new_dist(cfg.clone(), method, loader, monitor, device, comm)
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use selfsup_data::Loader;
+use selfsup_dist::Comm;
 use selfsup_eval::{extract_features, knn, KnnConfig};
 use selfsup_methods::{Method, ENCODER_PREFIX};
 
@@ -58,6 +59,9 @@ pub struct Trainer {
     epoch: usize,
     step: u64,
     last_knn: Option<f64>,
+    comm: Comm,
+    /// Seconds spent in the gradient all-reduce (this call of `fit`).
+    comm_s: f64,
 }
 
 /// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
@@ -115,7 +119,7 @@ pub fn embedding_std(z: &Tensor) -> Result<f64> {
 }
 
 impl Trainer {
-    /// Set up a run (nothing is written yet).
+    /// Set up a run in one process (nothing is written yet).
     pub fn new(
         cfg: TrainConfig,
         method: Box<dyn Method>,
@@ -123,7 +127,32 @@ impl Trainer {
         monitor: Option<KnnMonitor>,
         device: Device,
     ) -> Result<Self> {
+        Self::new_dist(cfg, method, loader, monitor, device, selfsup_dist::single())
+    }
+
+    /// Set up a run as one rank of `comm`: `loader` must yield this rank's shard of every
+    /// global batch, and `method` must have been built with `comm` (it gathers embeddings).
+    /// Parameters and buffers are made rank 0's at the start of [`Trainer::fit`]; only rank 0
+    /// writes to the run folder.
+    pub fn new_dist(
+        cfg: TrainConfig,
+        method: Box<dyn Method>,
+        loader: Loader,
+        monitor: Option<KnnMonitor>,
+        device: Device,
+        comm: Comm,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let shard = loader.config().shard;
+        if shard != (comm.rank(), comm.world_size()) {
+            return Err(Error::Config(format!(
+                "the loader yields shard {} of {}, but this is rank {} of {}",
+                shard.0,
+                shard.1,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
         let mut ocfg = OptimConfig::defaults(cfg.optimizer);
         ocfg.momentum = cfg.momentum;
         ocfg.nesterov = cfg.nesterov;
@@ -143,7 +172,138 @@ impl Trainer {
             epoch: 0,
             step: 0,
             last_knn: None,
+            comm,
+            comm_s: 0.0,
         })
+    }
+
+    /// Whether this process writes the run folder (rank 0).
+    pub fn is_writer(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// The data-parallel group.
+    pub fn comm(&self) -> &Comm {
+        &self.comm
+    }
+
+    /// Every variable (parameters, buffers, targets, state) takes rank 0's value, so that all
+    /// ranks start from the same weights (fresh or resumed). One broadcast per dtype.
+    pub fn broadcast_state(&self) -> Result<()> {
+        if self.comm.world_size() == 1 {
+            return Ok(());
+        }
+        let names: Vec<String> = {
+            let mut v: Vec<String> = self
+                .method
+                .varmap()
+                .data()
+                .lock()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        self.broadcast_vars(&names)
+    }
+
+    /// Rank 0's values of the variables `names` (same order on every rank) on every rank.
+    fn broadcast_vars(&self, names: &[String]) -> Result<()> {
+        let data = self.method.varmap().data().lock().unwrap();
+        let vars: Vec<&candle_core::Var> = names.iter().map(|n| &data[n]).collect();
+        for dtype in [DType::F32, DType::F64] {
+            let sel: Vec<&&candle_core::Var> = vars.iter().filter(|v| v.dtype() == dtype).collect();
+            if sel.is_empty() {
+                continue;
+            }
+            let flat = Tensor::cat(
+                &sel.iter()
+                    .map(|v| v.as_tensor().detach().flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                0,
+            )?
+            .to_device(&Device::Cpu)?;
+            let out = if dtype == DType::F32 {
+                let mut b = flat.to_vec1::<f32>()?;
+                selfsup_dist::broadcast_f32(self.comm.as_ref(), &mut b, 0)?;
+                Tensor::from_vec(b, flat.shape(), &Device::Cpu)?
+            } else {
+                let mut b = flat.to_vec1::<f64>()?;
+                selfsup_dist::broadcast_f64(self.comm.as_ref(), &mut b, 0)?;
+                Tensor::from_vec(b, flat.shape(), &Device::Cpu)?
+            };
+            let mut at = 0;
+            for v in sel {
+                let n = v.elem_count();
+                let t = out
+                    .narrow(0, at, n)?
+                    .reshape(v.shape())?
+                    .to_device(v.device())?;
+                v.set(&t)?;
+                at += n;
+            }
+        }
+        if let Some(v) = vars
+            .iter()
+            .find(|v| !matches!(v.dtype(), DType::F32 | DType::F64))
+        {
+            return Err(Error::Config(format!(
+                "data-parallel training supports f32 and f64 variables, not {:?}",
+                v.dtype()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Average the gradients of the trainable parameters over the ranks: one all-reduce of one
+    /// flat buffer (parameters in sorted name order). A parameter without a gradient has none on
+    /// every rank (the same graph runs everywhere) and is left out.
+    fn all_reduce_grads(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        if self.comm.world_size() == 1 {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let params = self.optim.params();
+        let mut parts = Vec::new();
+        let mut have = Vec::new();
+        for p in params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                parts.push(
+                    g.detach()
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_device(&Device::Cpu)?,
+                );
+                have.push(p.var.as_tensor().clone());
+            }
+        }
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let flat = Tensor::cat(&parts, 0)?;
+        let mut buf = flat.to_vec1::<f32>()?;
+        selfsup_dist::all_reduce_mean_f32(self.comm.as_ref(), &mut buf)?;
+        let flat = Tensor::from_vec(buf, flat.shape(), &Device::Cpu)?;
+        let mut at = 0;
+        for var in have {
+            let n = var.elem_count();
+            let g = flat
+                .narrow(0, at, n)?
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?
+                .to_device(var.device())?;
+            grads.insert(&var, g);
+            at += n;
+        }
+        self.comm_s += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Seconds this rank spent in gradient all-reduces since the trainer was built.
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_s
     }
 
     /// The method.
@@ -200,7 +360,18 @@ impl Trainer {
         self.epoch = st.epoch;
         self.step = st.step;
         self.last_knn = st.knn_top1;
-        truncate_metrics(&self.run_dir.join("metrics.jsonl"), self.step, self.epoch)?;
+        if st.world_size != self.comm.world_size() {
+            // Supported: the global batch, the data order and every crop are the same for any
+            // rank count; only per-rank BatchNorm (without sync_bn) sees other batches.
+            tracing::info!(
+                "resuming a run trained on {} rank(s) with {}: same global batch and data order",
+                st.world_size,
+                self.comm.world_size()
+            );
+        }
+        if self.is_writer() {
+            truncate_metrics(&self.run_dir.join("metrics.jsonl"), self.step, self.epoch)?;
+        }
         tracing::info!(
             "resumed {} at epoch {} (step {})",
             dir.display(),
@@ -227,6 +398,7 @@ impl Trainer {
             encoder: self.cfg.encoder.clone(),
             feature_dim: self.method.encoder().feature_dim(),
             knn_top1: self.last_knn,
+            world_size: self.comm.world_size(),
         };
         checkpoint::save(
             &self.run_dir,
@@ -258,21 +430,46 @@ impl Trainer {
 
     /// Train until `cfg.epochs` (or `stop_after` more epochs), checkpointing after every epoch.
     pub fn fit(&mut self, stop_after: Option<usize>) -> Result<Summary> {
-        std::fs::create_dir_all(&self.run_dir).map_err(|source| Error::Io {
-            path: self.run_dir.clone(),
-            source,
-        })?;
-        let cfg_path = self.run_dir.join("config.toml");
-        write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
+        // Every rank starts from rank 0's weights (fresh or resumed).
+        self.broadcast_state()?;
+        let writer = self.is_writer();
+        let buffers: Vec<String> = if self.comm.world_size() > 1 && !self.cfg.sync_bn {
+            let mut v: Vec<String> = self
+                .method
+                .varmap()
+                .data()
+                .lock()
+                .unwrap()
+                .keys()
+                .filter(|k| selfsup_models::layers::is_buffer(k))
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        } else {
+            Vec::new()
+        };
         let metrics_path = self.run_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|source| Error::Io {
-                path: metrics_path.clone(),
+        let mut metrics = if writer {
+            std::fs::create_dir_all(&self.run_dir).map_err(|source| Error::Io {
+                path: self.run_dir.clone(),
                 source,
             })?;
+            let cfg_path = self.run_dir.join("config.toml");
+            write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|source| Error::Io {
+                        path: metrics_path.clone(),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
         let per_epoch = self.loader.num_batches() as u64;
         let total = per_epoch * self.cfg.epochs as u64;
         let warmup = (self.cfg.warmup_epochs * per_epoch as f64).round() as u64;
@@ -283,7 +480,11 @@ impl Trainer {
         let mut summary = Summary::default();
         let started = Instant::now();
         let (mut images, mut waited) = (0usize, 0f64);
-        let pb = indicatif::ProgressBar::new(total);
+        let pb = if writer {
+            indicatif::ProgressBar::new(total)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         pb.set_style(
             indicatif::ProgressStyle::with_template(
                 "{prefix} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
@@ -292,7 +493,7 @@ impl Trainer {
             .progress_chars("=> "),
         );
         pb.set_position(self.step);
-        let interactive = !pb.is_hidden();
+        let interactive = !pb.is_hidden() || !writer;
         let mut warned_collapse = false;
         while self.epoch < end {
             let epoch = self.epoch;
@@ -318,7 +519,13 @@ impl Trainer {
                     None => None,
                 };
                 let out = self.method.forward_loss(&views, labels.as_ref())?;
-                let loss = scalar(&out.loss)?;
+                // The mean of the ranks' losses (the same value on every rank), so that every
+                // rank stops on the same step.
+                let loss = {
+                    let mut l = [scalar(&out.loss)?];
+                    self.comm.all_reduce_sum_f64(&mut l)?;
+                    l[0] / self.comm.world_size() as f64
+                };
                 if !loss.is_finite() {
                     return Err(Error::NonFinite {
                         step: self.step,
@@ -326,7 +533,8 @@ impl Trainer {
                         value: loss,
                     });
                 }
-                let grads = out.loss.backward()?;
+                let mut grads = out.loss.backward()?;
+                self.all_reduce_grads(&mut grads)?;
                 let lr = lr_at(self.step, total, warmup, self.cfg.lr, self.cfg.min_lr);
                 let scale = if self.cfg.clip_grad > 0.0 {
                     let norm = self.optim.grad_norm(&grads)?;
@@ -340,8 +548,13 @@ impl Trainer {
                 };
                 self.optim.step(&grads, lr, scale)?;
                 self.method.after_step(self.step, total)?;
+                if !buffers.is_empty() {
+                    // Per-rank BatchNorm: running statistics are rank 0's, as PyTorch DDP's
+                    // broadcast_buffers makes them.
+                    self.broadcast_vars(&buffers)?;
+                }
                 self.step += 1;
-                let n = batch.indices.len();
+                let n = batch.indices.len() * self.comm.world_size();
                 ep_images += n;
                 loss_sum += loss;
                 n_batches += 1;
@@ -365,10 +578,12 @@ impl Trainer {
                             COLLAPSE_FRACTION / d.sqrt()
                         );
                     }
-                    writeln!(metrics, "{line}").map_err(|source| Error::Io {
-                        path: metrics_path.clone(),
-                        source,
-                    })?;
+                    if let Some(metrics) = metrics.as_mut() {
+                        writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                            path: metrics_path.clone(),
+                            source,
+                        })?;
+                    }
                     if !interactive {
                         tracing::info!(
                             "epoch {} step {} loss {loss:.4} lr {lr:.4} {:.0} img/s",
@@ -387,7 +602,12 @@ impl Trainer {
             self.epoch += 1;
             let knn_due = self.cfg.knn_every > 0
                 && (self.epoch % self.cfg.knn_every == 0 || self.epoch == self.cfg.epochs);
-            let knn_res = if knn_due { self.knn_eval()? } else { None };
+            // The monitor runs on rank 0; the others wait for it at the next collective.
+            let knn_res = if knn_due && writer {
+                self.knn_eval()?
+            } else {
+                None
+            };
             if let Some((t1, _)) = knn_res {
                 self.last_knn = Some(t1);
                 summary.knn.push((self.epoch, t1));
@@ -397,26 +617,30 @@ impl Trainer {
                 "knn_top1": knn_res.map(|r| r.0), "knn_top5": knn_res.map(|r| r.1),
                 "wall_s": wall, "images_per_s": ep_images as f64 / wall, "data_wait": ep_wait / wall,
             });
-            writeln!(metrics, "{line}").map_err(|source| Error::Io {
-                path: metrics_path.clone(),
-                source,
-            })?;
-            metrics.flush().map_err(|source| Error::Io {
-                path: metrics_path.clone(),
-                source,
-            })?;
-            tracing::info!(
-                "epoch {}/{}: loss {mean_loss:.4}{} ({:.0} s, {:.0} img/s, data wait {:.1}%)",
-                self.epoch,
-                self.cfg.epochs,
-                knn_res
-                    .map(|r| format!(", kNN top-1 {:.2}%", 100.0 * r.0))
-                    .unwrap_or_default(),
-                wall,
-                ep_images as f64 / wall,
-                100.0 * ep_wait / wall
-            );
-            self.save()?;
+            if let Some(metrics) = metrics.as_mut() {
+                writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                    path: metrics_path.clone(),
+                    source,
+                })?;
+                metrics.flush().map_err(|source| Error::Io {
+                    path: metrics_path.clone(),
+                    source,
+                })?;
+            }
+            if writer {
+                tracing::info!(
+                    "epoch {}/{}: loss {mean_loss:.4}{} ({:.0} s, {:.0} img/s, data wait {:.1}%)",
+                    self.epoch,
+                    self.cfg.epochs,
+                    knn_res
+                        .map(|r| format!(", kNN top-1 {:.2}%", 100.0 * r.0))
+                        .unwrap_or_default(),
+                    wall,
+                    ep_images as f64 / wall,
+                    100.0 * ep_wait / wall
+                );
+                self.save()?;
+            }
             summary.first_loss.get_or_insert(mean_loss);
             summary.last_loss = Some(mean_loss);
             images += ep_images;
