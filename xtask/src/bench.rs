@@ -38,6 +38,18 @@ pub enum Bench {
         /// `$SELFSUP_PYTHON`, default `python3`; needs torch) and print the ratio.
         #[arg(long)]
         compare_pytorch: bool,
+        /// Data-parallel: after the one-process step (all threads), the same global batch on N
+        /// MPI ranks of one thread each (`mpirun -np N`, embeddings gathered, gradients
+        /// all-reduced), the ratio, and the all-reduce time per step. Builds xtask with the `mpi`
+        /// feature into target/mpi.
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
+        /// With --ranks: BatchNorm synchronised over the ranks.
+        #[arg(long)]
+        sync_bn: bool,
+        /// Internal: this process is one MPI rank of `--ranks`.
+        #[arg(long, hide = true)]
+        mpi_worker: bool,
     },
     /// Inference: the encoder's eval-mode forward (feature extraction for kNN, linear probe and
     /// `embed`): images/s and memory.
@@ -76,10 +88,19 @@ pub fn run(b: Bench) -> Result<()> {
             batch,
             steps,
             compare_pytorch,
+            ranks,
+            sync_bn,
+            mpi_worker,
         } => {
+            if mpi_worker {
+                return crate::bench_dist::worker(&model, batch, steps, sync_bn);
+            }
             let ours = train_step(&model, batch, steps)?;
             if compare_pytorch {
                 compare_torch(ours, &model, batch, steps, false)?;
+            }
+            if ranks > 1 {
+                crate::bench_dist::launch(ours, &model, batch, steps, ranks, sync_bn)?;
             }
             Ok(())
         }
@@ -190,7 +211,7 @@ pub fn python(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -380,7 +401,7 @@ fn infer(model: &str, batch: usize, steps: usize) -> Result<f64> {
     Ok(rate)
 }
 
-fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
+pub(crate) fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
     use candle_core::{DType, Device, Tensor};
     use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
     use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind};

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod bench_dist;
 
 // mimalloc keeps freed pages for reuse: candle allocates a fresh buffer per op, and with the
 // system allocator a quarter of a training step went to page faults.
@@ -117,7 +118,42 @@ fn test(device: Device) -> Result<()> {
     run(Command::new(&cargo)
         .args(["test", "--workspace"])
         .args(features))?;
+    // Data-parallel tests: the `mpi` feature, the ranks started by mpirun.
+    match mpi_missing() {
+        None => {
+            let mpi = ["--features", "selfsup-dist/mpi,selfsup-cli/mpi"];
+            run(Command::new(&cargo)
+                .args(["clippy", "-p", "selfsup-dist", "-p", "selfsup-cli", "--all-targets"])
+                .args(mpi)
+                .args(["--", "-D", "warnings"]))?;
+            run(Command::new(&cargo)
+                .args(["test", "-p", "selfsup-dist", "-p", "selfsup-cli", "--test", "mpi"])
+                .args(mpi))?;
+        }
+        Some(why) if std::env::var_os("CI").is_some() => {
+            bail!("the MPI tests cannot run: {why} (.ci/run installs openmpi-bin libopenmpi-dev libclang-dev)")
+        }
+        Some(why) => eprintln!(
+            "MPI tests NOT run: {why}; install openmpi-bin libopenmpi-dev libclang-dev (Debian) to run them"
+        ),
+    }
     Ok(())
+}
+
+/// Why the MPI tests cannot run here, if they cannot.
+fn mpi_missing() -> Option<String> {
+    for (tool, arg) in [("mpirun", "--version"), ("mpicc", "--showme:version")] {
+        let ok = Command::new(tool)
+            .arg(arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Some(format!("`{tool}` not found"));
+        }
+    }
+    None
 }
 
 fn main() -> ExitCode {

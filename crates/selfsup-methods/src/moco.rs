@@ -9,8 +9,9 @@
 //! `symmetric`, the loss is `(InfoNCE(q0, k1) + InfoNCE(q1, k0)) / 2` and `k1` is enqueued.
 //!
 //! The queue `(K, D)` and its pointer live in the `VarMap` (`state.queue`, `state.queue_ptr`),
-//! so checkpoints resume it exactly. There is no shuffling BatchNorm (single device), as in
-//! lightly's single-GPU CIFAR-10 benchmark.
+//! so checkpoints resume it exactly. There is no shuffling BatchNorm, as in lightly's
+//! single-GPU CIFAR-10 benchmark. Data-parallel: queries and keys are gathered from every rank,
+//! so the loss covers the global batch and every rank enqueues the same (global) keys.
 
 use std::sync::Mutex;
 

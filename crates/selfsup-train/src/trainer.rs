@@ -257,46 +257,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// Average the gradients of the trainable parameters over the ranks: one all-reduce of one
-    /// flat buffer (parameters in sorted name order). A parameter without a gradient has none on
-    /// every rank (the same graph runs everywhere) and is left out.
     fn all_reduce_grads(&mut self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
         if self.comm.world_size() == 1 {
             return Ok(());
         }
         let t0 = Instant::now();
-        let params = self.optim.params();
-        let mut parts = Vec::new();
-        let mut have = Vec::new();
-        for p in params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                parts.push(
-                    g.detach()
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_device(&Device::Cpu)?,
-                );
-                have.push(p.var.as_tensor().clone());
-            }
-        }
-        if parts.is_empty() {
-            return Ok(());
-        }
-        let flat = Tensor::cat(&parts, 0)?;
-        let mut buf = flat.to_vec1::<f32>()?;
-        selfsup_dist::all_reduce_mean_f32(self.comm.as_ref(), &mut buf)?;
-        let flat = Tensor::from_vec(buf, flat.shape(), &Device::Cpu)?;
-        let mut at = 0;
-        for var in have {
-            let n = var.elem_count();
-            let g = flat
-                .narrow(0, at, n)?
-                .reshape(var.shape())?
-                .to_dtype(var.dtype())?
-                .to_device(var.device())?;
-            grads.insert(&var, g);
-            at += n;
-        }
+        all_reduce_gradients(self.comm.as_ref(), self.optim.params(), grads)?;
         self.comm_s += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -654,6 +620,52 @@ impl Trainer {
         summary.data_wait = waited / summary.wall_s.max(1e-9);
         Ok(summary)
     }
+}
+
+/// Average the gradients of `params` over the ranks of `comm`: one all-reduce of one flat `f32`
+/// buffer (parameters in the given order, the same on every rank: the optimiser's, sorted by
+/// name). A parameter without a gradient has none on any rank (the same graph runs everywhere)
+/// and is left out. One rank: nothing to do.
+pub fn all_reduce_gradients(
+    comm: &dyn selfsup_dist::Communicator,
+    params: &[Param],
+    grads: &mut candle_core::backprop::GradStore,
+) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let mut parts = Vec::new();
+    let mut have = Vec::new();
+    for p in params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            parts.push(
+                g.detach()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_device(&Device::Cpu)?,
+            );
+            have.push(p.var.as_tensor().clone());
+        }
+    }
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let flat = Tensor::cat(&parts, 0)?;
+    let mut buf = flat.to_vec1::<f32>()?;
+    selfsup_dist::all_reduce_mean_f32(comm, &mut buf)?;
+    let flat = Tensor::from_vec(buf, flat.shape(), &Device::Cpu)?;
+    let mut at = 0;
+    for var in have {
+        let n = var.elem_count();
+        let g = flat
+            .narrow(0, at, n)?
+            .reshape(var.shape())?
+            .to_dtype(var.dtype())?
+            .to_device(var.device())?;
+        grads.insert(&var, g);
+        at += n;
+    }
+    Ok(())
 }
 
 /// Write a file atomically (temporary file in the same folder, then rename).

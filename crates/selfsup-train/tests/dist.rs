@@ -326,3 +326,28 @@ fn ranks_read_disjoint_shards_that_cover_each_global_batch() {
         .to_string()
         .contains("multiple of the 3 ranks"));
 }
+
+#[test]
+fn the_moco_queue_takes_every_ranks_keys() {
+    // lightly issue 1018: a queue fed only this rank's keys advances by B / world per step and
+    // differs between ranks. Here it advances by the global batch and is the same everywhere.
+    let two = run("moco", 2, false);
+    for w in &two.weights {
+        let ptr = w["state.queue_ptr"].to_vec1::<f32>().unwrap()[0];
+        // 8 steps x 16 keys in a queue of 48.
+        assert_eq!(ptr as usize, (8 * 16) % 48);
+    }
+    let (q0, q1) = (
+        &two.weights[0]["state.queue"],
+        &two.weights[1]["state.queue"],
+    );
+    let d = (q0 - q1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+}
