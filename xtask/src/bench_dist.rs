@@ -14,7 +14,7 @@ pub fn launch(
     ranks: usize,
     sync_bn: bool,
 ) -> Result<()> {
-    if batch % ranks != 0 {
+    if !batch.is_multiple_of(ranks) {
         bail!("--batch {batch} must be a multiple of --ranks {ranks}");
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

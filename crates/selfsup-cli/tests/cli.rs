@@ -371,3 +371,36 @@ fn a_colorization_run_is_embedded_from_grey_images() {
     assert_eq!(colour, embed("colour2.safetensors", "auto"));
     assert_eq!(grey, embed("grey3.safetensors", "grey"));
 }
+
+/// A binary built without MPI refuses to train alone when a launcher started several ranks
+/// (each would write the same run folder), and when `--dist mpi` asks for MPI.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn without_the_mpi_feature_an_mpi_launch_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    let out = selfsup()
+        .args(["train", "--out", run.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("started 2 ranks") && err.contains("--features mpi"),
+        "{err}"
+    );
+    let out = selfsup()
+        .args(["train", "--dist", "mpi", "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built without MPI"));
+    let out = selfsup()
+        .args(["train", "--dist", "nccl", "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auto, single or mpi"));
+    assert!(!run.exists(), "nothing is written");
+}
