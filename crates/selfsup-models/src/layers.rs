@@ -256,7 +256,14 @@ impl BatchNorm {
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
             self.check_input(x, true)?;
-            let out = selfsup_ops::batch_norm_add_relu_train(x, w, b, residual, self.eps)?;
+            let out = selfsup_ops::batch_norm_add_relu_train(
+                x,
+                w,
+                b,
+                residual,
+                self.eps,
+                self.ops_sync().as_ref(),
+            )?;
             self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
             return Ok(out.y);
         }
@@ -292,8 +299,16 @@ impl BatchNorm {
             if self.eps == residual_bn.eps {
                 self.check_input(x, true)?;
                 residual_bn.check_input(residual, true)?;
-                let out =
-                    selfsup_ops::batch_norm_add_bn_relu_train(x, w, b, residual, rw, rb, self.eps)?;
+                let out = selfsup_ops::batch_norm_add_bn_relu_train(
+                    x,
+                    w,
+                    b,
+                    residual,
+                    rw,
+                    rb,
+                    self.eps,
+                    self.ops_sync().as_ref(),
+                )?;
                 let per_channel = |t: &Tensor| Ok::<_, crate::Error>(t.elem_count() / t.dim(1)?);
                 self.update_running(&out.x.mean, &out.x.var, per_channel(x)?)?;
                 residual_bn.update_running(
@@ -332,8 +347,16 @@ impl BatchNorm {
         if let (true, Some(w), Some(b)) = (self.fused(x, train), &self.weight, &self.bias) {
             if x.rank() == 4 && 2 * padding <= k {
                 self.check_input(x, true)?;
-                let out =
-                    selfsup_ops::batch_norm_relu_max_pool2d(x, w, b, self.eps, k, stride, padding)?;
+                let out = selfsup_ops::batch_norm_relu_max_pool2d(
+                    x,
+                    w,
+                    b,
+                    self.eps,
+                    k,
+                    stride,
+                    padding,
+                    self.ops_sync().as_ref(),
+                )?;
                 self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
                 return Ok(out.y);
             }
@@ -357,6 +380,7 @@ impl BatchNorm {
                     &conv.weight,
                     conv.stride,
                     conv.padding,
+                    self.ops_sync().as_ref(),
                 )?;
                 self.update_running(&out.mean, &out.var, x.elem_count() / x.dim(1)?)?;
                 return Ok(match &conv.bias {
@@ -388,7 +412,6 @@ impl BatchNorm {
 
     fn fused(&self, x: &Tensor, train: bool) -> bool {
         train
-            && self.sync.is_none()
             && x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && self.weight.is_some()
@@ -404,7 +427,8 @@ impl BatchNorm {
             // Fused CPU kernel (selfsup-ops): one pass for the statistics, one for the output,
             // closed-form backward.
             let n = x.elem_count() / c;
-            let out = selfsup_ops::batch_norm_train(x, w, b, self.eps, relu)?;
+            let out =
+                selfsup_ops::batch_norm_train(x, w, b, self.eps, relu, self.ops_sync().as_ref())?;
             self.update_running(&out.mean, &out.var, n)?;
             return Ok((out.y, true));
         }
@@ -420,6 +444,7 @@ impl BatchNorm {
             // the all-reduce is differentiable, so the backward sums over ranks too.
             let world = self.sync.as_ref().map_or(1, |c| c.world_size());
             let n = x.elem_count() / c * world;
+            let n_local = x.elem_count() / c;
             let mean = self
                 .batch_total(x.sum_keepdim(dims.as_slice())?)?
                 .affine(1.0 / n as f64, 0.0)?;
@@ -427,7 +452,7 @@ impl BatchNorm {
             let var = self
                 .batch_total(xc.sqr()?.sum_keepdim(dims.as_slice())?)?
                 .affine(1.0 / n as f64, 0.0)?;
-            self.update_running(&mean.flatten_all()?, &var.flatten_all()?, n)?;
+            self.update_running(&mean.flatten_all()?, &var.flatten_all()?, n_local)?;
             let inv = (var + self.eps)?.sqrt()?.recip()?;
             let y = xc.broadcast_mul(&inv)?;
             return Ok((self.affine(y, &shape)?, false));
@@ -446,6 +471,19 @@ impl BatchNorm {
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
         Ok((self.affine(y, &shape)?, false))
+    }
+
+    /// The fused ops' view of the synchronisation: sums added up over the ranks.
+    fn ops_sync(&self) -> Option<selfsup_ops::BnSync> {
+        let comm = self.sync.clone()?;
+        let world = comm.world_size();
+        Some(selfsup_ops::BnSync::new(
+            world,
+            std::sync::Arc::new(move |b: &mut [f64]| {
+                comm.all_reduce_sum_f64(b)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            }),
+        ))
     }
 
     /// A per-channel sum over the BatchNorm batch: this rank's, or every rank's when synchronised.
@@ -479,7 +517,9 @@ impl BatchNorm {
         !train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.rank() >= 2
     }
 
+    /// `n`: values per channel in this rank's batch (every rank's count when synchronised).
     fn update_running(&self, mean: &Tensor, var_biased: &Tensor, n: usize) -> Result<()> {
+        let n = n * self.sync.as_ref().map_or(1, |c| c.world_size());
         let m = self.momentum;
         let mean = mean.detach().to_dtype(self.running_mean.dtype())?;
         let var = var_biased.detach().to_dtype(self.running_var.dtype())?;

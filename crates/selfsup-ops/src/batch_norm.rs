@@ -217,7 +217,7 @@ pub(crate) fn bn_backward(
     dy: &[f32],
     relu: Option<&[f32]>,
     (n, c, hw): (usize, usize, usize),
-    st: &[(f64, f64)],
+    st: &BatchStats,
     w: &[f32],
     eps: f64,
     out: &mut [f32],
@@ -226,13 +226,11 @@ pub(crate) fn bn_backward(
     let numel = x.len();
     assert!(out.len() >= numel + 2 * c + if emit_g { numel } else { 0 });
     let p = Out(out.as_mut_ptr());
-    let m = (n * hw) as f64;
-    (0..c).into_par_iter().for_each(|ch| {
-        let (mean, var) = st[ch];
-        let istd = 1.0 / (var + eps).sqrt();
-        let meanf = mean as f32;
-        // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep
-        // the sums exact enough when the mean is large against the spread.
+    let m = st.m;
+    // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep the sums
+    // exact enough when the mean is large against the spread.
+    let sums = |ch: usize| {
+        let meanf = st[ch].0 as f32;
         let (mut db, mut dxc) = (0f64, 0f64);
         for i in 0..n {
             let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
@@ -240,6 +238,12 @@ pub(crate) fn bn_backward(
             db += sb as f64;
             dxc += sx as f64;
         }
+        (db, dxc)
+    };
+    // dx from the (global) sums `db`, `dxc`; dw and db outputs from this rank's `own` sums.
+    let finish = |ch: usize, (db, dxc): (f64, f64), own: (f64, f64)| {
+        let (mean, var) = st[ch];
+        let istd = 1.0 / (var + eps).sqrt();
         let dw = istd * dxc;
         let k = w[ch] as f64 * istd / m;
         // dx = k (m g - db - xh dw) with xh = (x - mean) istd.
@@ -259,16 +263,36 @@ pub(crate) fn bn_backward(
                 &x[r.clone()],
                 &dy[r.clone()],
                 relu.map(|y| &y[r]),
-                (a, bx, c0, meanf),
+                (a, bx, c0, mean as f32),
                 g_out,
             );
         }
         // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
         unsafe {
-            *p.at(numel + ch) = dw as f32;
-            *p.at(numel + c + ch) = db as f32;
+            *p.at(numel + ch) = (istd * own.1) as f32;
+            *p.at(numel + c + ch) = own.0 as f32;
         }
-    });
+    };
+    match &st.sync {
+        // One pass per channel while its rows are in cache.
+        None => (0..c).into_par_iter().for_each(|ch| {
+            let s = sums(ch);
+            finish(ch, s, s)
+        }),
+        // Synchronised: every channel's sums, one all-reduce, then dx.
+        Some(sync) => {
+            let own: Vec<(f64, f64)> = (0..c).into_par_iter().map(sums).collect();
+            let mut all: Vec<f64> = own.iter().flat_map(|&(a, b)| [a, b]).collect();
+            if let Err(e) = (sync.reduce)(&mut all) {
+                // The op's backward has no error channel here; a failed collective cannot be
+                // recovered from (the peers are gone), so stop loudly.
+                panic!("synchronised batch norm backward: {e}");
+            }
+            (0..c)
+                .into_par_iter()
+                .for_each(|ch| finish(ch, (all[2 * ch], all[2 * ch + 1]), own[ch]));
+        }
+    }
 }
 
 /// What [`batch_norm_train`] returns.
@@ -292,9 +316,10 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
     relu: bool,
+    sync: Option<&BnSync>,
 ) -> Result<BnTrainOutput> {
     let x = x.contiguous()?;
-    let (st, stats) = stats_of(&x)?;
+    let (st, stats) = stats_of(&x, sync)?;
     let y = x.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
@@ -380,18 +405,100 @@ impl CustomOp3 for BnAddRelu {
     }
 }
 
-/// Per-channel `(mean, biased var)`, shared by a forward op and its backward.
-pub(crate) type Stats64 = Arc<Vec<(f64, f64)>>;
+/// Synchronised BatchNorm (data-parallel training): how the fused ops sum their per-channel
+/// sums over the ranks. `reduce` adds a buffer element-wise over every rank, in place (an MPI
+/// all-reduce); every rank has `world` ranks of the same batch shape. The forward's statistics
+/// and the input gradient's two sums cover every rank's samples; the weight and bias gradients
+/// stay this rank's share (the trainer averages gradients over the ranks).
+#[derive(Clone)]
+pub struct BnSync {
+    reduce: Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>,
+    world: usize,
+}
 
-pub(crate) fn stats_of(x: &Tensor) -> Result<(Tensor, Stats64)> {
-    let st = channel_stats(x)?;
-    let rows = st.to_vec2::<f64>()?;
-    let stats = rows[0]
-        .iter()
-        .copied()
-        .zip(rows[1].iter().copied())
+impl BnSync {
+    /// `world` ranks whose sums `reduce` adds up in place.
+    pub fn new(world: usize, reduce: Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>) -> Self {
+        Self { reduce, world }
+    }
+}
+
+impl std::fmt::Debug for BnSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BnSync")
+            .field("world", &self.world)
+            .finish()
+    }
+}
+
+/// Per-channel `(mean, biased var)` over `m` values per channel (every rank's with `sync`),
+/// shared by a forward op and its backward.
+pub(crate) struct BatchStats {
+    ch: Vec<(f64, f64)>,
+    m: f64,
+    sync: Option<BnSync>,
+}
+
+impl std::ops::Deref for BatchStats {
+    type Target = [(f64, f64)];
+    fn deref(&self) -> &Self::Target {
+        &self.ch
+    }
+}
+
+pub(crate) type Stats64 = Arc<BatchStats>;
+
+/// The batch statistics of `x` as a `(2, C)` f32 tensor (mean, biased variance) and for the
+/// ops; with `sync`, over every rank's batch (two all-reduces of `C` sums: the values, then the
+/// squared deviations from the global mean).
+pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Stats64)> {
+    let Some(sync) = sync else {
+        let st = channel_stats(x)?;
+        let rows = st.to_vec2::<f64>()?;
+        let ch = rows[0]
+            .iter()
+            .copied()
+            .zip(rows[1].iter().copied())
+            .collect();
+        let m = (x.elem_count() / x.dim(1)?) as f64;
+        return Ok((
+            st.to_dtype(DType::F32)?,
+            Arc::new(BatchStats { ch, m, sync: None }),
+        ));
+    };
+    let (n, c, hw) = dims(x.layout())?;
+    let xs = x.contiguous()?;
+    let (s, l) = xs.storage_and_layout();
+    let data = match &*s {
+        candle_core::Storage::Cpu(s) => f32s(s, &l)?.to_vec(),
+        _ => candle_core::bail!("synchronised batch norm: the fused op runs on the CPU"),
+    };
+    drop(s);
+    let seg = |i: usize, ch: usize| &data[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    let m = (n * hw * sync.world) as f64;
+    let mut sums: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| (0..n).map(|i| sum_f64(seg(i, ch))).sum())
         .collect();
-    Ok((st.to_dtype(DType::F32)?, Arc::new(stats)))
+    (sync.reduce)(&mut sums)?;
+    let mean: Vec<f64> = sums.iter().map(|s| s / m).collect();
+    let mut q: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| (0..n).map(|i| sq_dev_f64(seg(i, ch), mean[ch])).sum())
+        .collect();
+    (sync.reduce)(&mut q)?;
+    let ch: Vec<(f64, f64)> = mean.iter().zip(&q).map(|(&mu, &q)| (mu, q / m)).collect();
+    let mut rows: Vec<f32> = ch.iter().map(|p| p.0 as f32).collect();
+    rows.extend(ch.iter().map(|p| p.1 as f32));
+    let st = Tensor::from_vec(rows, (2, c), x.device())?;
+    Ok((
+        st,
+        Arc::new(BatchStats {
+            ch,
+            m,
+            sync: Some(sync.clone()),
+        }),
+    ))
 }
 
 /// `relu(bn(x) + residual)` in training mode (a ResNet block's tail) as one op: f32 on the CPU,
@@ -403,6 +510,7 @@ pub fn batch_norm_add_relu_train(
     bias: &Tensor,
     residual: &Tensor,
     eps: f64,
+    sync: Option<&BnSync>,
 ) -> Result<BnTrainOutput> {
     let x = x.contiguous()?;
     if residual.dims() != x.dims() {
@@ -412,7 +520,7 @@ pub fn batch_norm_add_relu_train(
             x.dims()
         );
     }
-    let (st, stats) = stats_of(&x)?;
+    let (st, stats) = stats_of(&x, sync)?;
     let wb = Tensor::cat(&[weight, bias], 0)?;
     let y = x.apply_op3(&wb, &residual.contiguous()?, BnAddRelu { eps, stats })?;
     Ok(BnTrainOutput {
@@ -585,6 +693,7 @@ pub fn batch_norm_add_bn_relu_train(
     r_weight: &Tensor,
     r_bias: &Tensor,
     eps: f64,
+    sync: Option<&BnSync>,
 ) -> Result<BnAddBnReluOutput> {
     let x = x.contiguous()?;
     let residual = residual.contiguous()?;
@@ -600,8 +709,8 @@ pub fn batch_norm_add_bn_relu_train(
             x.dims()
         );
     }
-    let (st, stats) = stats_of(&x)?;
-    let (rst, r_stats) = stats_of(&residual)?;
+    let (st, stats) = stats_of(&x, sync)?;
+    let (rst, r_stats) = stats_of(&residual, sync)?;
     let p = Tensor::cat(&[weight, bias, r_weight, r_bias], 0)?;
     let y = x.apply_op3(
         &residual,

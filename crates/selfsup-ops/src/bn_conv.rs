@@ -15,7 +15,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::batch_norm::{bn_backward, dims, f32s, rectified, stats_of, BnTrainOutput, Stats64};
+use crate::batch_norm::{
+    bn_backward, dims, f32s, rectified, stats_of, BnSync, BnTrainOutput, Stats64,
+};
 use crate::conv::{conv_bwd_into, conv_fwd};
 use crate::im2col::Geometry;
 use crate::util::output_buffer;
@@ -132,6 +134,7 @@ pub fn batch_norm_relu_conv2d(
     conv_weight: &Tensor,
     stride: usize,
     pad: usize,
+    sync: Option<&BnSync>,
 ) -> Result<BnTrainOutput> {
     let x = x.contiguous()?;
     let (n, c, h, w) = x.dims4()?;
@@ -160,7 +163,7 @@ pub fn batch_norm_relu_conv2d(
         stride,
         pad,
     };
-    let (st, stats) = stats_of(&x)?;
+    let (st, stats) = stats_of(&x, sync)?;
     let wb = Tensor::cat(&[weight, bias], 0)?;
     let y = x.apply_op3(
         &wb,

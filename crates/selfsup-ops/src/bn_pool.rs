@@ -10,7 +10,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::batch_norm::{bn_backward, dims, f32s, rectified, stats_of, BnTrainOutput, Stats64};
+use crate::batch_norm::{
+    bn_backward, dims, f32s, rectified, stats_of, BnSync, BnTrainOutput, Stats64,
+};
 use crate::pool::{pool_bwd_into, pool_fwd, Pool};
 use crate::util::output_buffer;
 
@@ -116,6 +118,7 @@ pub fn batch_norm_relu_max_pool2d(
     k: usize,
     stride: usize,
     pad: usize,
+    sync: Option<&BnSync>,
 ) -> Result<BnTrainOutput> {
     let x = x.contiguous()?;
     let (_, c, h, w) = x.dims4()?;
@@ -140,7 +143,7 @@ pub fn batch_norm_relu_max_pool2d(
         stride,
         pad,
     };
-    let (st, stats) = stats_of(&x)?;
+    let (st, stats) = stats_of(&x, sync)?;
     let wb = Tensor::cat(&[weight, bias], 0)?;
     let y = x.apply_op2(&wb, BnReluPool { p, eps, stats })?;
     Ok(BnTrainOutput {

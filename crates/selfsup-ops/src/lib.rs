@@ -44,7 +44,7 @@ mod winograd;
 pub use avg_pool::global_avg_pool;
 pub use batch_norm::{
     batch_norm_add_bn_relu_train, batch_norm_add_relu_train, batch_norm_train, channel_stats,
-    scale_shift, scale_shift_add_relu, BnAddBnReluOutput, BnStats, BnTrainOutput,
+    scale_shift, scale_shift_add_relu, BnAddBnReluOutput, BnStats, BnSync, BnTrainOutput,
 };
 pub use bn_conv::batch_norm_relu_conv2d;
 pub use bn_pool::batch_norm_relu_max_pool2d;

@@ -64,9 +64,15 @@ fn fused_batch_norm_matches_composed_ops() {
         .unwrap();
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, &dev).unwrap()).unwrap();
-        let out =
-            selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, relu)
-                .unwrap();
+        let out = selfsup_ops::batch_norm_train(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            1e-5,
+            relu,
+            None,
+        )
+        .unwrap();
         let ours = out.y.clone();
         let mut theirs = reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5);
         if relu {
@@ -118,7 +124,7 @@ fn fused_batch_norm_matches_composed_ops() {
     }
     let ints = Tensor::zeros((2, 3, 4), DType::F64, &dev).unwrap();
     let w = Tensor::ones(3, DType::F64, &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_train(&ints, &w, &w, 1e-5, false).is_err());
+    assert!(selfsup_ops::batch_norm_train(&ints, &w, &w, 1e-5, false, None).is_err());
 }
 
 /// The centred sums keep the gradients right when the mean dwarfs the spread.
@@ -131,10 +137,16 @@ fn large_mean_small_spread() {
     .unwrap();
     let w = Var::from_tensor(&Tensor::ones(4, DType::F32, &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap();
-    let ours =
-        selfsup_ops::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, false)
-            .unwrap()
-            .y;
+    let ours = selfsup_ops::batch_norm_train(
+        x.as_tensor(),
+        w.as_tensor(),
+        b.as_tensor(),
+        1e-5,
+        false,
+        None,
+    )
+    .unwrap()
+    .y;
     let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
     let r = Tensor::randn(0f32, 1., (8, 4, 6, 6), &dev).unwrap();
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -180,6 +192,7 @@ fn fused_bn_add_relu_matches_composed_ops() {
             b.as_tensor(),
             r.as_tensor(),
             1e-5,
+            None,
         )
         .unwrap();
         let theirs = (reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) + r.as_tensor())
@@ -206,7 +219,7 @@ fn fused_bn_add_relu_matches_composed_ops() {
     let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev).unwrap();
     let w = Tensor::ones(3, DType::F32, &dev).unwrap();
     let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_add_relu_train(&x, &w, &w, &wrong, 1e-5).is_err());
+    assert!(selfsup_ops::batch_norm_add_relu_train(&x, &w, &w, &wrong, 1e-5, None).is_err());
 }
 
 #[test]
@@ -228,6 +241,7 @@ fn fused_bn_add_bn_relu_matches_composed_ops() {
             rw.as_tensor(),
             rb.as_tensor(),
             1e-5,
+            None,
         )
         .unwrap();
         let theirs = (reference(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
@@ -276,9 +290,9 @@ fn fused_bn_add_bn_relu_matches_composed_ops() {
     let w4 = Tensor::ones(4, DType::F32, &dev).unwrap();
     let wrong = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
     let f = selfsup_ops::batch_norm_add_bn_relu_train;
-    assert!(f(&x, &w, &w, &wrong, &w, &w, 1e-5).is_err());
-    assert!(f(&x, &w, &w, &x, &w4, &w, 1e-5).is_err());
-    assert!(f(&x, &w, &w, &x, &w, &w, 1e-5).is_ok());
+    assert!(f(&x, &w, &w, &wrong, &w, &w, 1e-5, None).is_err());
+    assert!(f(&x, &w, &w, &x, &w4, &w, 1e-5, None).is_err());
+    assert!(f(&x, &w, &w, &x, &w, &w, 1e-5, None).is_ok());
 }
 
 #[test]

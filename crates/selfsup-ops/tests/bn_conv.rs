@@ -47,7 +47,8 @@ fn bn_relu_conv_matches_candle_ops() {
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
             let (x_, w_, b_, cw_) = (x.as_tensor(), w.as_tensor(), b.as_tensor(), cw.as_tensor());
             let ours =
-                selfsup_ops::batch_norm_relu_conv2d(x_, w_, b_, 1e-5, cw_, stride, pad).unwrap();
+                selfsup_ops::batch_norm_relu_conv2d(x_, w_, b_, 1e-5, cw_, stride, pad, None)
+                    .unwrap();
             let (theirs, mean, var) = reference(x_, w_, b_, cw_, stride, pad);
             assert_eq!(ours.y.dims(), theirs.dims(), "{what}");
             assert!(max_rel(&ours.y, &theirs) < 1e-4, "{what}: forward");
@@ -83,17 +84,17 @@ fn bn_relu_conv_rejects_mismatched_shapes() {
     let w = Tensor::ones(4, DType::F32, &dev).unwrap();
     let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
     let ok = Tensor::randn(0f32, 1., (3, 4, 3, 3), &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &ok, 1, 1).is_ok());
+    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &ok, 1, 1, None).is_ok());
     // Conv weight expects 5 input channels.
     let bad = Tensor::randn(0f32, 1., (3, 5, 3, 3), &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &bad, 1, 1).is_err());
+    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &bad, 1, 1, None).is_err());
     // BatchNorm parameters for 3 channels.
     let w3 = Tensor::ones(3, DType::F32, &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w3, &w3, 1e-5, &ok, 1, 1).is_err());
+    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w3, &w3, 1e-5, &ok, 1, 1, None).is_err());
     // A kernel larger than the padded input, a zero stride.
     let big = Tensor::randn(0f32, 1., (3, 4, 9, 9), &dev).unwrap();
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &big, 1, 1).is_err());
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &ok, 0, 1).is_err());
+    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &big, 1, 1, None).is_err());
+    assert!(selfsup_ops::batch_norm_relu_conv2d(&x, &w, &b, 1e-5, &ok, 0, 1, None).is_err());
     // f64 input: the op is f32 only.
     let x64 = x.to_dtype(DType::F64).unwrap();
     let (w64, b64) = (
@@ -101,5 +102,7 @@ fn bn_relu_conv_rejects_mismatched_shapes() {
         b.to_dtype(DType::F64).unwrap(),
     );
     let ok64 = ok.to_dtype(DType::F64).unwrap();
-    assert!(selfsup_ops::batch_norm_relu_conv2d(&x64, &w64, &b64, 1e-5, &ok64, 1, 1).is_err());
+    assert!(
+        selfsup_ops::batch_norm_relu_conv2d(&x64, &w64, &b64, 1e-5, &ok64, 1, 1, None).is_err()
+    );
 }

@@ -31,7 +31,8 @@ fn bn_relu_max_pool_matches_separate_ops() {
             let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev).unwrap()).unwrap();
             let (x_, w_, b_) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
             let ours =
-                selfsup_ops::batch_norm_relu_max_pool2d(x_, w_, b_, 1e-5, k, stride, pad).unwrap();
+                selfsup_ops::batch_norm_relu_max_pool2d(x_, w_, b_, 1e-5, k, stride, pad, None)
+                    .unwrap();
             let [theirs, mean, var] = reference(x_, w_, b_, k, stride, pad);
             assert_eq!(ours.y.dims(), theirs.dims(), "{what}");
             assert!(max_rel(&ours.y, &theirs) < 1e-5, "{what}: forward");
@@ -62,15 +63,15 @@ fn bn_relu_max_pool_rejects_bad_input() {
     let w = Tensor::ones(4, DType::F32, &dev).unwrap();
     let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
     let f = selfsup_ops::batch_norm_relu_max_pool2d;
-    assert!(f(&x, &w, &b, 1e-5, 2, 2, 0).is_ok());
+    assert!(f(&x, &w, &b, 1e-5, 2, 2, 0, None).is_ok());
     let w3 = Tensor::ones(3, DType::F32, &dev).unwrap();
-    assert!(f(&x, &w3, &w3, 1e-5, 2, 2, 0).is_err());
+    assert!(f(&x, &w3, &w3, 1e-5, 2, 2, 0, None).is_err());
     // A window larger than the padded input, a zero stride, padding over half the window.
-    assert!(f(&x, &w, &b, 1e-5, 9, 1, 1).is_err());
-    assert!(f(&x, &w, &b, 1e-5, 2, 0, 0).is_err());
-    assert!(f(&x, &w, &b, 1e-5, 2, 2, 2).is_err());
+    assert!(f(&x, &w, &b, 1e-5, 9, 1, 1, None).is_err());
+    assert!(f(&x, &w, &b, 1e-5, 2, 0, 0, None).is_err());
+    assert!(f(&x, &w, &b, 1e-5, 2, 2, 2, None).is_err());
     // f64: the op is f32 only.
     let x64 = x.to_dtype(DType::F64).unwrap();
     let w64 = w.to_dtype(DType::F64).unwrap();
-    assert!(f(&x64, &w64, &w64, 1e-5, 2, 2, 0).is_err());
+    assert!(f(&x64, &w64, &w64, 1e-5, 2, 2, 0, None).is_err());
 }
