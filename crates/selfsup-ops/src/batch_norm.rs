@@ -405,6 +405,9 @@ impl CustomOp3 for BnAddRelu {
     }
 }
 
+/// Adds a buffer element-wise over every rank, in place.
+pub type SumAcrossRanks = Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>;
+
 /// Synchronised BatchNorm (data-parallel training): how the fused ops sum their per-channel
 /// sums over the ranks. `reduce` adds a buffer element-wise over every rank, in place (an MPI
 /// all-reduce); every rank has `world` ranks of the same batch shape. The forward's statistics
@@ -412,13 +415,13 @@ impl CustomOp3 for BnAddRelu {
 /// stay this rank's share (the trainer averages gradients over the ranks).
 #[derive(Clone)]
 pub struct BnSync {
-    reduce: Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>,
+    reduce: SumAcrossRanks,
     world: usize,
 }
 
 impl BnSync {
     /// `world` ranks whose sums `reduce` adds up in place.
-    pub fn new(world: usize, reduce: Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>) -> Self {
+    pub fn new(world: usize, reduce: SumAcrossRanks) -> Self {
         Self { reduce, world }
     }
 }
@@ -470,7 +473,7 @@ pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Sta
     let xs = x.contiguous()?;
     let (s, l) = xs.storage_and_layout();
     let data = match &*s {
-        candle_core::Storage::Cpu(s) => f32s(s, &l)?.to_vec(),
+        candle_core::Storage::Cpu(s) => f32s(s, l)?.to_vec(),
         _ => candle_core::bail!("synchronised batch norm: the fused op runs on the CPU"),
     };
     drop(s);
@@ -685,6 +688,7 @@ pub struct BnStats {
 /// (a ResNet block whose shortcut is a strided 1x1 convolution and a BatchNorm) as one op: f32
 /// on the CPU, differentiable in all six inputs; it keeps only its output, never the
 /// normalised shortcut.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_add_bn_relu_train(
     x: &Tensor,
     weight: &Tensor,

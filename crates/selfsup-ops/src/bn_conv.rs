@@ -126,6 +126,7 @@ impl CustomOp3 for BnReluConvGrad {
 /// only its input and output for the backward; differentiable in `x`, `weight`, `bias` and
 /// `conv_weight` (`(O, C, k, k)`, no bias). `y` of the result is the convolution's output; `mean`
 /// and `var` are `x`'s batch statistics (for the running averages).
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_conv2d(
     x: &Tensor,
     weight: &Tensor,

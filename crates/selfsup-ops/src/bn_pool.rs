@@ -110,6 +110,7 @@ impl CustomOp2 for BnReluPoolGrad {
 /// `max_pool2d(relu(batch_norm(x)), k, stride, pad)` in training mode, as one op (f32, CPU)
 /// that keeps only its input and output for the backward; differentiable in `x`, `weight` and
 /// `bias`. `y` of the result is the pooled output; `mean` and `var` are `x`'s batch statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_max_pool2d(
     x: &Tensor,
     weight: &Tensor,

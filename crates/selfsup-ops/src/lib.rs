@@ -45,6 +45,7 @@ pub use avg_pool::global_avg_pool;
 pub use batch_norm::{
     batch_norm_add_bn_relu_train, batch_norm_add_relu_train, batch_norm_train, channel_stats,
     scale_shift, scale_shift_add_relu, BnAddBnReluOutput, BnStats, BnSync, BnTrainOutput,
+    SumAcrossRanks,
 };
 pub use bn_conv::batch_norm_relu_conv2d;
 pub use bn_pool::batch_norm_relu_max_pool2d;
