@@ -18,8 +18,8 @@ mod trainer;
 
 pub use config::TrainConfig;
 pub use trainer::{
-    all_reduce_gradients, embedding_std, method_params, parse_device, write_atomic, KnnMonitor,
-    Summary, Trainer,
+    all_reduce_gradients, embedding_std, method_params, parse_device, shard_range, write_atomic,
+    KnnMonitor, Summary, Trainer,
 };
 
 /// Errors from training.

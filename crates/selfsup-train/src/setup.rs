@@ -370,9 +370,17 @@ pub fn build_trainer_with_dist(
                 test.clone()
             };
             let classes = train.class_names.len().max(test.class_names.len());
+            // Each rank extracts the features of its contiguous share.
+            let share = |ds: &Arc<InMemory>| -> Arc<InMemory> {
+                if comm.world_size() == 1 {
+                    return ds.clone();
+                }
+                let r = crate::shard_range(ds.len(), comm.rank(), comm.world_size());
+                Arc::new(ds.subset(&r.collect::<Vec<_>>()))
+            };
             Some(KnnMonitor {
-                bank: eval_loader(train.clone(), cfg, &data.normalize, cfg.image_size)?,
-                test: eval_loader(test, cfg, &data.normalize, cfg.image_size)?,
+                bank: eval_loader(share(&train), cfg, &data.normalize, cfg.image_size)?,
+                test: eval_loader(share(&test), cfg, &data.normalize, cfg.image_size)?,
                 classes,
             })
         }

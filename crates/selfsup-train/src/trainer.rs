@@ -16,7 +16,8 @@ use crate::optim::{lr_at, Optim, OptimConfig, Param};
 use crate::{Error, Result, TrainConfig};
 
 /// Data for the kNN monitor: the training set without augmentation (the memory bank) and the
-/// test set, both with labels.
+/// test set, both with labels. In a data-parallel run each rank holds its contiguous share of
+/// both ([`shard_range`]); the trainer gathers the features and rank 0 votes.
 pub struct KnnMonitor {
     /// Training images, normalisation only, unshuffled.
     pub bank: Loader,
@@ -377,7 +378,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// kNN top-1 / top-5 of the current encoder with the monitor's data.
+    /// kNN top-1 / top-5 of the current encoder with the monitor's data. Data-parallel: every
+    /// rank extracts the features of its share, they are gathered, and only rank 0 gets a
+    /// result (the others `None`); every rank must call it.
     pub fn knn_eval(&self) -> Result<Option<(f64, f64)>> {
         let Some(m) = &self.monitor else {
             return Ok(None);
@@ -387,11 +390,16 @@ impl Trainer {
         let (Some(bl), Some(tl)) = (&bank.labels, &test.labels) else {
             return Err(Error::Config("the kNN monitor needs labelled data".into()));
         };
+        let (bank_x, bl) = gather_features(&self.comm, &bank.x, bl)?;
+        let (test_x, tl) = gather_features(&self.comm, &test.x, tl)?;
+        if !self.is_writer() {
+            return Ok(None);
+        }
         let cfg = KnnConfig {
             k: self.cfg.knn_k,
             temperature: self.cfg.knn_temperature,
         };
-        Ok(Some(knn(&bank.x, bl, &test.x, tl, m.classes, cfg)?))
+        Ok(Some(knn(&bank_x, &bl, &test_x, &tl, m.classes, cfg)?))
     }
 
     /// Train until `cfg.epochs` (or `stop_after` more epochs), checkpointing after every epoch.
@@ -568,12 +576,8 @@ impl Trainer {
             self.epoch += 1;
             let knn_due = self.cfg.knn_every > 0
                 && (self.epoch % self.cfg.knn_every == 0 || self.epoch == self.cfg.epochs);
-            // The monitor runs on rank 0; the others wait for it at the next collective.
-            let knn_res = if knn_due && writer {
-                self.knn_eval()?
-            } else {
-                None
-            };
+            // Every rank extracts its share of the features; rank 0 votes.
+            let knn_res = if knn_due { self.knn_eval()? } else { None };
             if let Some((t1, _)) = knn_res {
                 self.last_knn = Some(t1);
                 summary.knn.push((self.epoch, t1));
@@ -620,6 +624,61 @@ impl Trainer {
         summary.data_wait = waited / summary.wall_s.max(1e-9);
         Ok(summary)
     }
+}
+
+/// The rows `[start, end)` of `n` that rank `rank` of `world` holds when a dataset is split
+/// into contiguous shares (the first `n % world` ranks take one more).
+pub fn shard_range(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let (q, r) = (n / world, n % world);
+    let start = rank * q + rank.min(r);
+    start..start + q + usize::from(rank < r)
+}
+
+/// Every rank's `(n_r, D)` features and labels, in rank order (shares may differ by one row:
+/// they are padded for the gather and trimmed after it).
+fn gather_features(comm: &Comm, x: &Tensor, labels: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok((x.clone(), labels.to_vec()));
+    }
+    let n = x.dim(0)?;
+    let counts = selfsup_dist::all_gather_f64(comm.as_ref(), &[n as f64])?;
+    let max = counts.iter().fold(0f64, |a, &b| a.max(b)) as usize;
+    let pad = |t: Tensor| -> Result<Tensor> {
+        Ok(if n < max {
+            Tensor::cat(
+                &[
+                    t.clone(),
+                    t.zeros_like()?.narrow(0, 0, 1)?.repeat((max - n, 1))?,
+                ],
+                0,
+            )?
+        } else {
+            t
+        })
+    };
+    let xs = pad(x.clone())?;
+    let ls = Tensor::from_vec(
+        labels.iter().map(|&l| l as f64).collect::<Vec<f64>>(),
+        (n, 1),
+        &Device::Cpu,
+    )?;
+    let ls = pad(ls)?;
+    let gx = selfsup_dist::all_gather_detached(comm, &xs.contiguous()?)?;
+    let gl = selfsup_dist::all_gather_detached(comm, &ls.contiguous()?)?;
+    let (mut parts, mut lab) = (Vec::new(), Vec::new());
+    for (r, &c) in counts.iter().enumerate() {
+        let c = c as usize;
+        parts.push(gx.narrow(0, r * max, c)?);
+        lab.extend(
+            gl.narrow(0, r * max, c)?
+                .flatten_all()?
+                .to_vec1::<f64>()?
+                .into_iter()
+                .map(|v| v as usize),
+        );
+    }
+    Ok((Tensor::cat(&parts, 0)?, lab))
 }
 
 /// Average the gradients of `params` over the ranks of `comm`: one all-reduce of one flat `f32`

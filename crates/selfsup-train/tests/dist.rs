@@ -351,3 +351,55 @@ fn the_moco_queue_takes_every_ranks_keys() {
         .unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
 }
+
+#[test]
+fn the_knn_monitor_on_three_ranks_equals_one_process() {
+    // Bank and test sets that do not split evenly: shares of 22/22/21 and 11/11/11 + 1.
+    let data = || RunData {
+        train: Arc::new(synthetic::stripes(65, 16, 4, 1)),
+        test: Some(Arc::new(synthetic::stripes(34, 16, 4, 2))),
+        normalize: Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg("simclr", dir.path(), false);
+    c.knn_every = 1;
+    c.knn_k = 10;
+    c.batch_size = 15;
+    let one = build_trainer_dist(&c, data(), selfsup_dist::single())
+        .unwrap()
+        .knn_eval()
+        .unwrap()
+        .unwrap();
+    let comms: Vec<Comm> = LocalGroup::new(3)
+        .unwrap()
+        .into_iter()
+        .map(|g| Arc::new(g) as Comm)
+        .collect();
+    let three: Vec<Option<(f64, f64)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let c = c.clone();
+                s.spawn(move || {
+                    let t = build_trainer_dist(&c, data(), comm).unwrap();
+                    t.knn_eval().unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        three[0],
+        Some(one),
+        "rank 0 votes with every rank's features"
+    );
+    assert_eq!(three[1], None);
+    assert_eq!(three[2], None);
+    let shares: Vec<_> = (0..3)
+        .map(|r| selfsup_train::shard_range(65, r, 3))
+        .collect();
+    assert_eq!(shares, vec![0..22, 22..44, 44..65]);
+}
