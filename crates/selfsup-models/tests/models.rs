@@ -459,6 +459,18 @@ fn eval_batch_norm_fused_matches_the_formula_values_and_gradients() {
     }
 }
 
+/// Standard normal f32 values from `seed`.
+fn seeded_normal(shape: impl Into<candle_core::Shape>, seed: u64) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let shape = shape.into();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
 #[test]
 fn fused_resnet_gradients_match_the_composed_f64_path() {
     // f32 on the CPU takes the fused ops (bn-relu-conv, bn-add-relu, bn-add-bn-relu,
@@ -481,12 +493,15 @@ fn fused_resnet_gradients_match_the_composed_f64_path() {
         };
         let (vm32, enc32) = build(DType::F32);
         let (vm64, enc64) = build(DType::F64);
-        let x = Tensor::randn(0f32, 1., (4, 3, 16, 16), &Device::Cpu).unwrap();
+        // Seeded inputs: with random ones, about one draw in ten puts a ReLU input or a
+        // max-pool pair within f32 rounding of a tie in these 4-channel nets (BatchNorm over
+        // 4-16 values), where f32 and f64 route a gradient differently by a few percent.
+        let x = seeded_normal((4, 3, 16, 16), 1);
         let y32 = enc32.forward_t(&x, true).unwrap();
         let y64 = enc64
             .forward_t(&x.to_dtype(DType::F64).unwrap(), true)
             .unwrap();
-        let r = Tensor::randn(0f32, 1., y32.shape(), &Device::Cpu).unwrap();
+        let r = seeded_normal(y32.shape().clone(), 2);
         let g32 = (y32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let r64 = r.to_dtype(DType::F64).unwrap();
         let g64 = (y64 * r64).unwrap().sum_all().unwrap().backward().unwrap();

@@ -403,3 +403,36 @@ fn the_knn_monitor_on_three_ranks_equals_one_process() {
         .collect();
     assert_eq!(shares, vec![0..22, 22..44, 44..65]);
 }
+
+#[test]
+fn a_run_stopped_on_two_ranks_resumes_in_one_process() {
+    // Same global batch, order and crops for any rank count: with synchronised BatchNorm, an
+    // epoch on 2 ranks then an epoch in one process is the uninterrupted one-process run.
+    let init = run_init("simclr");
+    let straight = run("simclr", 1, true);
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg("simclr", dir.path(), true);
+    std::thread::scope(|s| {
+        for g in LocalGroup::new(2).unwrap() {
+            let c = c.clone();
+            s.spawn(move || {
+                let mut t = build_trainer_dist(&c, data(), Arc::new(g) as Comm).unwrap();
+                assert_eq!(t.fit(Some(1)).unwrap().epochs, 1);
+            });
+        }
+    });
+    let mut t = build_trainer_dist(&c, data(), selfsup_dist::single()).unwrap();
+    assert!(t.resume().unwrap());
+    assert_eq!(t.epoch(), 1);
+    assert_eq!(t.fit(None).unwrap().epochs, 2);
+    let resumed = vars(&t);
+    let losses = logged_losses(dir.path());
+    assert_eq!(losses.len(), straight.losses.len());
+    for (a, b) in straight.losses.iter().zip(&losses) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "loss {a} vs {b}");
+    }
+    for (name, t) in &straight.weights[0] {
+        let d = deviation(t, &resumed[name], &init[name]);
+        assert!(d < TOL, "{name} deviates by {d:.2e}");
+    }
+}
