@@ -553,7 +553,10 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
     }
     let mut t = build_trainer_dist(&cfg, data?, comm.clone())?;
     if a.resume && !t.resume()? {
-        tracing::warn!("no checkpoint in {}: starting from scratch", out.display());
+        bail!(
+            "--resume: {} holds no checkpoint to resume; start a new run without --resume",
+            out.display()
+        );
     }
     let s = t.fit(a.stop_after)?;
     if rank != 0 {

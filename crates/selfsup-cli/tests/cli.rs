@@ -404,3 +404,21 @@ fn without_the_mpi_feature_an_mpi_launch_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("auto, single or mpi"));
     assert!(!run.exists(), "nothing is written");
 }
+
+#[test]
+fn resume_with_nothing_to_resume_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    write_folder(&imgs);
+    let run = d.path().join("empty-run");
+    let out = selfsup()
+        .args(["train", "--dataset", &format!("folder:{}", imgs.display())])
+        .args(["--epochs", "1", "--batch-size", "16", "--resume"])
+        .args(["--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no checkpoint to resume"), "{err}");
+    assert!(!run.join("metrics.jsonl").exists() && !run.join("checkpoint").exists());
+}

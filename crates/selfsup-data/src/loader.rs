@@ -290,8 +290,13 @@ impl Iterator for Batches {
                 Some(b)
             }
             Err(_) => {
+                // The prefetch thread stopped (a panic) before sending every batch: the epoch
+                // fails, it is not short.
+                let left = self.remaining;
                 self.remaining = 0;
-                None
+                Some(Err(Error::Config(format!(
+                    "the data loader's prefetch thread stopped with {left} batches of the epoch left"
+                ))))
             }
         }
     }

@@ -219,3 +219,46 @@ fn loader_eval_mode_is_plain_normalisation() {
     )
     .is_err());
 }
+
+/// A dataset whose item 5 panics (a bug or a bad file in a reader).
+struct PanicsAt5(selfsup_data::InMemory);
+
+impl selfsup_data::Dataset for PanicsAt5 {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, i: usize) -> selfsup_data::Result<selfsup_data::Item> {
+        assert!(i != 5, "item 5 cannot be read");
+        self.0.get(i)
+    }
+}
+
+#[test]
+fn a_loader_thread_that_dies_fails_the_epoch_instead_of_ending_it() {
+    let ds = std::sync::Arc::new(PanicsAt5(selfsup_data::synthetic::stripes(20, 8, 2, 1)));
+    let views = selfsup_data::preset_views(
+        selfsup_data::Preset::None,
+        8,
+        selfsup_data::Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+    );
+    let loader = selfsup_data::Loader::new(
+        ds,
+        views,
+        selfsup_data::LoaderConfig {
+            batch_size: 4,
+            shuffle: false,
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out: Vec<_> = loader.epoch(0).collect();
+    // Batch 0 (items 0-3) arrives; batch 1 holds item 5, its thread panics: an error, not a
+    // silently short epoch.
+    assert!(out[0].is_ok());
+    let err = out.iter().find_map(|b| b.as_ref().err()).expect("an error");
+    assert!(err.to_string().contains("prefetch thread stopped"), "{err}");
+}

@@ -106,3 +106,21 @@ fn features_keep_no_graph() {
     let labels = f.labels.unwrap();
     assert_eq!(labels, (0..20).map(|i| i % 2).collect::<Vec<_>>());
 }
+
+#[test]
+fn knn_refuses_non_finite_features() {
+    let dev = candle_core::Device::Cpu;
+    let bank = candle_core::Tensor::new(&[[1f32, 0.], [0., 1.], [f32::NAN, 0.]], &dev).unwrap();
+    let q = candle_core::Tensor::new(&[[1f32, 0.1]], &dev).unwrap();
+    let cfg = selfsup_eval::KnnConfig {
+        k: 2,
+        temperature: 0.1,
+    };
+    let e = selfsup_eval::knn(&bank, &[0, 1, 1], &q, &[0], 2, cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN or infinite"), "{e}");
+    let inf = candle_core::Tensor::new(&[[f32::INFINITY, 0.1]], &dev).unwrap();
+    let bank = candle_core::Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+    assert!(selfsup_eval::knn(&bank, &[0, 1], &inf, &[0], 2, cfg).is_err());
+}

@@ -44,7 +44,7 @@ pub enum Error {
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// The loss became NaN or infinite.
-    #[error("loss is {value} at step {step} (epoch {}): stopping; the last checkpoint (after {epoch} completed epochs) is intact", epoch + 1)]
+    #[error("loss is {value} at step {step} (epoch {}): stopping; {}", epoch + 1, if *epoch == 0 { "no checkpoint was written (the run stopped in its first epoch)".to_string() } else { format!("the last checkpoint (after {epoch} completed epochs) is intact") })]
     NonFinite {
         /// Step (0-based) whose loss was not finite.
         step: u64,

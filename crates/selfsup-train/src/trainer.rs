@@ -366,6 +366,7 @@ impl Trainer {
             feature_dim: self.method.encoder().feature_dim(),
             knn_top1: self.last_knn,
             world_size: self.comm.world_size(),
+            files: Default::default(),
         };
         checkpoint::save(
             &self.run_dir,
@@ -431,10 +432,15 @@ impl Trainer {
             })?;
             let cfg_path = self.run_dir.join("config.toml");
             write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
+            // A fresh run (nothing resumed) starts a new file: lines left by a run that
+            // stopped before its first checkpoint are not this run's.
+            let fresh = self.step == 0;
             Some(
                 std::fs::OpenOptions::new()
                     .create(true)
-                    .append(true)
+                    .write(true)
+                    .append(!fresh)
+                    .truncate(fresh)
                     .open(&metrics_path)
                     .map_err(|source| Error::Io {
                         path: metrics_path.clone(),

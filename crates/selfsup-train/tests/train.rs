@@ -227,3 +227,35 @@ fn simclr_beats_a_random_encoder_when_colour_is_the_nuisance() {
         "trained {trained} is not above the random encoder's {random}"
     );
 }
+
+#[test]
+fn a_run_that_stops_before_its_first_checkpoint_says_so_and_the_next_start_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    // A loss that is NaN from the first step: nothing was saved, and the message says so.
+    let mut c = cfg(dir.path());
+    c.lr = 1e30;
+    c.epochs = 2;
+    let mut t = build_trainer(&c, data(64, 16)).unwrap();
+    // The first step's loss is still finite; later ones are not.
+    let e = t.fit(None).unwrap_err().to_string();
+    assert!(e.contains("no checkpoint was written"), "{e}");
+    assert!(!e.contains("intact"), "{e}");
+    assert!(checkpoint::latest(dir.path()).is_none());
+    let stale = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert!(!stale.is_empty());
+    // A new start in that folder writes only its own metrics.
+    let mut t = build_trainer(&cfg(dir.path()), data(64, 16)).unwrap();
+    t.fit(Some(1)).unwrap();
+    let m = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = m
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.first(), Some(&1));
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "steps of two runs mixed: {steps:?}"
+    );
+}
