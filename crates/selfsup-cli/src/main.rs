@@ -537,6 +537,38 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
     }
     set_threads(cfg.threads);
     let out = Path::new(&cfg.out);
+    if !a.resume {
+        // A new run goes into an empty folder or one that only a stopped run used.
+        const RUN_FILES: [&str; 7] = [
+            "config.toml",
+            "metrics.jsonl",
+            "metrics.png",
+            "checkpoint",
+            "checkpoint.old",
+            ".checkpoint.tmp",
+            ".lock",
+        ];
+        if let Ok(rd) = std::fs::read_dir(out) {
+            let foreign: Vec<String> = rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !RUN_FILES.contains(&n.as_str()))
+                .collect();
+            if !foreign.is_empty() {
+                bail!(
+                    "{} holds files that are not a selfsup run ({}); choose another --out",
+                    out.display(),
+                    foreign.join(", ")
+                );
+            }
+        }
+    }
+    // One process per run folder (rank 0 writes it): refused at once, before anything is read.
+    let lock = if rank == 0 {
+        Some(selfsup_train::RunLock::acquire(out)?)
+    } else {
+        None
+    };
     if !a.resume && checkpoint::latest(out).is_some() {
         bail!(
             "{} already holds a run; pass --resume to continue it or choose another --out",
@@ -552,6 +584,23 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
         comm.barrier()?;
     }
     let mut t = build_trainer_dist(&cfg, data?, comm.clone())?;
+    // SIGINT / SIGTERM: finish nothing half-way, stop between two steps, say how to resume; a
+    // second signal stops at once (an interrupted save is finished or cleared on the next start).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("second signal: stopping now");
+                std::process::exit(130);
+            }
+            eprintln!("signal: stopping after the current step (again to stop at once)");
+        });
+    }
+    t.set_stop_flag(stop);
+    if let Some(lock) = lock {
+        t.adopt_lock(lock);
+    }
     if a.resume && !t.resume()? {
         bail!(
             "--resume: {} holds no checkpoint to resume; start a new run without --resume",
@@ -949,7 +998,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
-            ExitCode::from(2)
+            match e.downcast_ref::<selfsup_train::Error>() {
+                // The shell's code for "stopped by a signal".
+                Some(selfsup_train::Error::Interrupted { .. }) => ExitCode::from(130),
+                _ => ExitCode::from(2),
+            }
         }
     }
 }

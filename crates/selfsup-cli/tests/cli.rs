@@ -422,3 +422,91 @@ fn resume_with_nothing_to_resume_is_an_error() {
     assert!(err.contains("holds no checkpoint to resume"), "{err}");
     assert!(!run.join("metrics.jsonl").exists() && !run.join("checkpoint").exists());
 }
+
+#[test]
+fn one_run_per_folder_and_a_signal_stops_it_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    write_folder(&imgs);
+    let run = d.path().join("run");
+    std::fs::write(
+        d.path().join("small.toml"),
+        "image_size = 16\nproj_hidden = 32\nproj_out = 16\nknn_every = 0\n",
+    )
+    .unwrap();
+    let train = |epochs: &str| {
+        let mut c = selfsup();
+        c.args(["train", "--dataset", &format!("folder:{}", imgs.display())])
+            .args(["--epochs", epochs, "--batch-size", "16", "--threads", "1"])
+            .args(["--out", run.to_str().unwrap()])
+            .args(["--config", d.path().join("small.toml").to_str().unwrap()]);
+        c
+    };
+    let mut first = train("100000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !run.join("checkpoint/state.json").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A second process into the same folder is refused, whatever its flags.
+    for extra in [&[][..], &["--resume"][..]] {
+        let out = train("3").args(extra).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use by another selfsup process"), "{err}");
+        assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    }
+    // SIGTERM: the run stops between two steps, says how to resume, and leaves no temporary
+    // folder; the code is the shell's for a signal.
+    std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    let t1 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = first.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t1.elapsed().as_secs() < 30,
+            "still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted at step") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!run.join(".checkpoint.tmp").exists());
+    // The lock went with the process: the run resumes.
+    let out = train("100000")
+        .args(["--resume", "--stop-after", "1"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    // A folder holding anything else is not a run folder.
+    let other = d.path().join("photos");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("holiday.jpg"), b"not mine").unwrap();
+    let out = selfsup()
+        .args(["train", "--dataset", &format!("folder:{}", imgs.display())])
+        .args(["--out", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a selfsup run"));
+    assert_eq!(
+        std::fs::read(other.join("holiday.jpg")).unwrap(),
+        b"not mine"
+    );
+}

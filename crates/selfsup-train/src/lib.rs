@@ -12,11 +12,13 @@
 
 pub mod checkpoint;
 mod config;
+mod lock;
 pub mod optim;
 pub mod setup;
 mod trainer;
 
 pub use config::TrainConfig;
+pub use lock::RunLock;
 pub use trainer::{
     all_reduce_gradients, embedding_std, method_params, parse_device, shard_range, write_atomic,
     KnnMonitor, Summary, Trainer,
@@ -52,6 +54,22 @@ pub enum Error {
         epoch: usize,
         /// The loss value.
         value: f64,
+    },
+    /// Stopped by a signal (SIGINT, SIGTERM) between two steps.
+    #[error("interrupted at step {step} (epoch {}): {}", epoch + 1, if *epoch == 0 { "no checkpoint was written yet; the run starts over without --resume".to_string() } else { format!("resume with --resume from the checkpoint after {epoch} completed epochs") })]
+    Interrupted {
+        /// Steps taken.
+        step: u64,
+        /// Epoch (0-based) that was running.
+        epoch: usize,
+    },
+    /// Another process trains into the same run folder.
+    #[error("{path} is in use by another selfsup process{}: one run per folder", match pid { Some(p) => format!(" (pid {p})"), None => String::new() })]
+    Busy {
+        /// The run folder.
+        path: std::path::PathBuf,
+        /// The holder's process id, as it wrote it.
+        pid: Option<u32>,
     },
     /// A collective of data-parallel training failed.
     #[error(transparent)]

@@ -63,6 +63,10 @@ pub struct Trainer {
     comm: Comm,
     /// Seconds spent in the gradient all-reduce (this call of `fit`).
     comm_s: f64,
+    /// The run folder's lock (rank 0, from `resume` or `fit` on).
+    lock: Option<crate::RunLock>,
+    /// Set (by a signal handler) to stop between two steps.
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
@@ -175,7 +179,29 @@ impl Trainer {
             last_knn: None,
             comm,
             comm_s: 0.0,
+            lock: None,
+            stop: None,
         })
+    }
+
+    /// Stop between two steps once `flag` is set (a SIGINT / SIGTERM handler sets it): the step
+    /// under way is abandoned, nothing half-written is left, and `fit` returns
+    /// [`Error::Interrupted`]. Data-parallel: every rank stops at the same step.
+    pub fn set_stop_flag(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// Use a lock of the run folder taken earlier (the CLI takes it before its own checks).
+    pub fn adopt_lock(&mut self, lock: crate::RunLock) {
+        self.lock = Some(lock);
+    }
+
+    /// Rank 0 takes the run folder's lock (once): a second process training into it fails.
+    fn hold_run(&mut self) -> Result<()> {
+        if self.is_writer() && self.lock.is_none() {
+            self.lock = Some(crate::RunLock::acquire(&self.run_dir)?);
+        }
+        Ok(())
     }
 
     /// Whether this process writes the run folder (rank 0).
@@ -290,6 +316,7 @@ impl Trainer {
 
     /// Load the latest checkpoint of the run folder, if there is one. Returns whether it did.
     pub fn resume(&mut self) -> Result<bool> {
+        self.hold_run()?;
         let Some(dir) = checkpoint::latest(&self.run_dir) else {
             return Ok(false);
         };
@@ -405,6 +432,7 @@ impl Trainer {
 
     /// Train until `cfg.epochs` (or `stop_after` more epochs), checkpointing after every epoch.
     pub fn fit(&mut self, stop_after: Option<usize>) -> Result<Summary> {
+        self.hold_run()?;
         // Every rank starts from rank 0's weights (fresh or resumed).
         self.broadcast_state()?;
         let writer = self.is_writer();
@@ -501,11 +529,22 @@ impl Trainer {
                 let out = self.method.forward_loss(&views, labels.as_ref())?;
                 // The mean of the ranks' losses (the same value on every rank), so that every
                 // rank stops on the same step.
-                let loss = {
-                    let mut l = [scalar(&out.loss)?];
+                // The stop request rides along, so that all ranks abandon the same step.
+                let (loss, stop) = {
+                    let stop = self
+                        .stop
+                        .as_ref()
+                        .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+                    let mut l = [scalar(&out.loss)?, f64::from(u8::from(stop))];
                     self.comm.all_reduce_sum_f64(&mut l)?;
-                    l[0] / self.comm.world_size() as f64
+                    (l[0] / self.comm.world_size() as f64, l[1] > 0.0)
                 };
+                if stop {
+                    return Err(Error::Interrupted {
+                        step: self.step,
+                        epoch,
+                    });
+                }
                 if !loss.is_finite() {
                     return Err(Error::NonFinite {
                         step: self.step,

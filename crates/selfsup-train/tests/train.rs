@@ -137,6 +137,8 @@ fn non_finite_loss_stops_and_keeps_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = build_trainer(&cfg(dir.path()), data(64, 16)).unwrap();
     t.fit(Some(1)).unwrap();
+    // The run folder is this trainer's until it is dropped (one run per folder).
+    drop(t);
     let before = std::fs::read(dir.path().join("checkpoint/model.safetensors")).unwrap();
     // An absurd learning rate makes the weights (and so the loss) blow up.
     let mut c = cfg(dir.path());
@@ -243,6 +245,7 @@ fn a_run_that_stops_before_its_first_checkpoint_says_so_and_the_next_start_is_cl
     assert!(checkpoint::latest(dir.path()).is_none());
     let stale = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert!(!stale.is_empty());
+    drop(t);
     // A new start in that folder writes only its own metrics.
     let mut t = build_trainer(&cfg(dir.path()), data(64, 16)).unwrap();
     t.fit(Some(1)).unwrap();
@@ -258,4 +261,17 @@ fn a_run_that_stops_before_its_first_checkpoint_says_so_and_the_next_start_is_cl
         steps.windows(2).all(|w| w[0] < w[1]),
         "steps of two runs mixed: {steps:?}"
     );
+}
+
+#[test]
+fn a_second_trainer_on_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = build_trainer(&cfg(dir.path()), data(64, 16)).unwrap();
+    a.fit(Some(1)).unwrap();
+    let mut b = build_trainer(&cfg(dir.path()), data(64, 16)).unwrap();
+    let e = b.resume().unwrap_err().to_string();
+    assert!(e.contains("in use by another selfsup process"), "{e}");
+    assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+    drop(a);
+    assert!(b.resume().unwrap());
 }
