@@ -68,6 +68,10 @@ pub(crate) unsafe fn matmul<T: Float>(
     )
 }
 
+/// Independent partial sums of the weight gradient (the parallelism of the weight-gradient
+/// pass; fixed so that the thread count never changes the result).
+const DW_GROUPS: usize = 8;
+
 /// Samples per chunk: enough output columns (`chunk x L >= 256`) for an efficient product,
 /// and a column matrix of a chunk small enough (a few hundred KiB) to stay in a core's cache
 /// between `im2col` and the product that reads it.
@@ -201,68 +205,78 @@ pub(crate) fn conv_bwd_into<T: Float>(
     let chunks = g.n.div_ceil(cs);
     let need_dx = dx.is_some();
     let dxp = Shared(dx.map_or(std::ptr::null_mut(), |d| d.as_mut_ptr()));
-    // A contiguous run of chunks per thread; each thread sums its own dW.
-    let threads = rayon::current_num_threads().clamp(1, chunks.max(1));
-    let per = chunks.div_ceil(threads);
-    let partials: Vec<Vec<T>> = (0..threads)
+    // A fixed number of groups of consecutive chunks, whatever the thread count: each group
+    // sums its own dW over its chunks in order, and the groups' sums are added in group order,
+    // so the result is the same bits for 1, 2 or 64 threads (a per-thread split made dW depend
+    // on the thread count).
+    let groups = DW_GROUPS.clamp(1, chunks.max(1));
+    let per = chunks.div_ceil(groups);
+    let partials: Vec<Vec<T>> = (0..groups)
         .into_par_iter()
-        .map(|t| {
-            let mut dw = vec![T::default(); o * rows];
-            let mut cols = vec![T::default(); rows * cs * l];
-            let mut dyt = vec![T::default(); o * cs * l];
-            for ci in t * per..((t + 1) * per).min(chunks) {
-                let n0 = ci * cs;
-                let nn = cs.min(g.n - n0);
-                let width = nn * l;
-                let dyc = &dy[n0 * o * l..(n0 + nn) * o * l];
-                // dY of the chunk as (O, width): in place for one sample.
-                let dyp = if nn == 1 {
-                    dyc.as_ptr()
-                } else {
-                    from_nchw(dyc, o, nn, l, &mut dyt);
-                    dyt.as_ptr()
-                };
-                im2col_samples(x, g, n0, nn, &mut cols);
-                // SAFETY: dw is (O, rows); dY chunk (O, width); cols (rows, width) read
-                // transposed.
-                unsafe {
-                    matmul(
-                        o,
-                        rows,
-                        width,
-                        dw.as_mut_ptr(),
-                        rows,
-                        true,
-                        dense(dyp, width),
-                        transposed(cols.as_ptr(), width),
-                        Parallelism::None,
-                    )
-                };
-                if need_dx {
-                    // dcols (rows, width) = W^T (rows, O) x dY (O, width), over cols.
-                    // SAFETY: as above; W (O, rows) read transposed.
+        .map_init(
+            // Scratch per worker thread, reused by the groups it runs (fully overwritten).
+            || {
+                (
+                    vec![T::default(); rows * cs * l],
+                    vec![T::default(); o * cs * l],
+                )
+            },
+            |(cols, dyt), t| {
+                let mut dw = vec![T::default(); o * rows];
+                for ci in t * per..((t + 1) * per).min(chunks) {
+                    let n0 = ci * cs;
+                    let nn = cs.min(g.n - n0);
+                    let width = nn * l;
+                    let dyc = &dy[n0 * o * l..(n0 + nn) * o * l];
+                    // dY of the chunk as (O, width): in place for one sample.
+                    let dyp = if nn == 1 {
+                        dyc.as_ptr()
+                    } else {
+                        from_nchw(dyc, o, nn, l, dyt);
+                        dyt.as_ptr()
+                    };
+                    im2col_samples(x, g, n0, nn, cols);
+                    // SAFETY: dw is (O, rows); dY chunk (O, width); cols (rows, width) read
+                    // transposed.
                     unsafe {
                         matmul(
+                            o,
                             rows,
                             width,
-                            o,
-                            cols.as_mut_ptr(),
-                            width,
-                            false,
-                            transposed(w.as_ptr(), rows),
+                            dw.as_mut_ptr(),
+                            rows,
+                            true,
                             dense(dyp, width),
+                            transposed(cols.as_ptr(), width),
                             Parallelism::None,
                         )
                     };
-                    // SAFETY: samples n0 .. n0 + nn of dx belong to this chunk alone.
-                    let dxc = unsafe {
-                        std::slice::from_raw_parts_mut(dxp.get().add(n0 * plane), nn * plane)
-                    };
-                    col2im_samples(&cols, g, nn, dxc);
+                    if need_dx {
+                        // dcols (rows, width) = W^T (rows, O) x dY (O, width), over cols.
+                        // SAFETY: as above; W (O, rows) read transposed.
+                        unsafe {
+                            matmul(
+                                rows,
+                                width,
+                                o,
+                                cols.as_mut_ptr(),
+                                width,
+                                false,
+                                transposed(w.as_ptr(), rows),
+                                dense(dyp, width),
+                                Parallelism::None,
+                            )
+                        };
+                        // SAFETY: samples n0 .. n0 + nn of dx belong to this chunk alone.
+                        let dxc = unsafe {
+                            std::slice::from_raw_parts_mut(dxp.get().add(n0 * plane), nn * plane)
+                        };
+                        col2im_samples(cols, g, nn, dxc);
+                    }
                 }
-            }
-            dw
-        })
+                dw
+            },
+        )
         .collect();
     dw.fill(T::default());
     for p in &partials {

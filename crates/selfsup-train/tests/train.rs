@@ -275,3 +275,62 @@ fn a_second_trainer_on_the_same_folder_is_refused() {
     drop(a);
     assert!(b.resume().unwrap());
 }
+
+/// Every variable after a few SimCLR steps with `threads` threads (compute and data).
+fn weights_with_threads(encoder: &str, threads: usize) -> Vec<(String, Vec<u32>)> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.encoder = encoder.into();
+        c.image_size = 16;
+        c.batch_size = 16;
+        c.epochs = 1;
+        c.threads = threads;
+        c.proj_hidden = 32;
+        c.proj_out = 16;
+        let mut t = build_trainer(&c, data(48, 8)).unwrap();
+        t.fit(None).unwrap();
+        let mut v: Vec<(String, Vec<u32>)> = t
+            .method()
+            .varmap()
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let bits = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect();
+                (k.clone(), bits)
+            })
+            .collect();
+        v.sort();
+        v
+    })
+}
+
+#[test]
+fn the_thread_count_never_changes_the_trained_weights() {
+    for encoder in ["small-cnn", "resnet18"] {
+        let one = weights_with_threads(encoder, 1);
+        for threads in [2, 3] {
+            let other = weights_with_threads(encoder, threads);
+            for ((name, a), (_, b)) in one.iter().zip(&other) {
+                assert!(
+                    a == b,
+                    "{encoder}: {name} differs between 1 and {threads} threads"
+                );
+            }
+        }
+    }
+}
