@@ -491,6 +491,14 @@ fn train(a: &TrainArgs) -> Result<()> {
     r
 }
 
+/// The machine's memory (`MemTotal` of /proc/meminfo), where it can be read.
+fn total_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Threads per rank when `--threads 0`: the machine's cores shared by the ranks on this node.
 fn threads_per_rank(world: usize) -> usize {
     let local = [
@@ -534,6 +542,27 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
                 ""
             }
         );
+    }
+    // Requests the machine cannot serve are refused before anything is allocated.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cfg.threads > cores {
+        bail!(
+            "--threads {} is more than this machine's {cores} cores (threads are per process / rank)",
+            cfg.threads
+        );
+    }
+    let need = selfsup_train::setup::estimated_peak_bytes(&cfg, world)?;
+    if let Some(have) = total_memory_bytes() {
+        if need > have as f64 {
+            bail!(
+                "this run needs about {:.1} GiB per process (encoder {}, image size {}, batch {} per rank), more than the machine's {:.1} GiB",
+                need / 1073741824.0,
+                cfg.encoder,
+                cfg.image_size,
+                cfg.batch_size / world,
+                have as f64 / 1073741824.0
+            );
+        }
     }
     set_threads(cfg.threads);
     let out = Path::new(&cfg.out);

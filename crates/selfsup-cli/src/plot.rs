@@ -23,8 +23,12 @@ pub struct Curves {
     pub embed_std: Vec<(f64, f64)>,
 }
 
+/// The largest magnitude drawn (the axes' arithmetic stays finite well beyond it).
+const PLOTTABLE: f64 = 1e15;
+
 /// Read `RUN/metrics.jsonl` (or a `metrics.jsonl` path). Lines that do not parse (a run killed
-/// mid-write leaves at most one) are skipped with a warning.
+/// mid-write leaves at most one) are skipped with a warning, and so are values that are not
+/// finite or beyond +/-1e15.
 pub fn read_curves(run: &Path) -> Result<Curves> {
     let path = if run.is_dir() {
         run.join("metrics.jsonl")
@@ -42,12 +46,25 @@ pub fn read_curves(run: &Path) -> Result<Curves> {
         ..Default::default()
     };
     let mut bad = 0;
+    let huge = std::cell::Cell::new(0usize);
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             bad += 1;
             continue;
         };
-        let num = |k: &str| v[k].as_f64().filter(|x| x.is_finite());
+        // Values no axis can span (a diverged loss of 1e308 made the axis range infinite and
+        // the tick search endless) are skipped, and counted.
+        let num = |k: &str| {
+            let x = v[k].as_f64()?;
+            if x.is_finite() && x.abs() <= PLOTTABLE {
+                Some(x)
+            } else {
+                if !v[k].is_null() {
+                    huge.set(huge.get() + 1);
+                }
+                None
+            }
+        };
         match v["kind"].as_str() {
             Some("step") => {
                 if let (Some(s), Some(l)) = (num("step"), num("loss")) {
@@ -67,6 +84,13 @@ pub fn read_curves(run: &Path) -> Result<Curves> {
     }
     if bad > 0 {
         tracing::warn!("{}: skipped {bad} unreadable line(s)", path.display());
+    }
+    if huge.get() > 0 {
+        tracing::warn!(
+            "{}: skipped {} value(s) that are not finite or beyond +/-{PLOTTABLE:e}",
+            path.display(),
+            huge.get()
+        );
     }
     if c.loss.is_empty() {
         bail!("{} has no training steps yet", path.display());

@@ -510,3 +510,69 @@ fn one_run_per_folder_and_a_signal_stops_it_cleanly() {
         b"not mine"
     );
 }
+
+#[test]
+fn plot_draws_or_skips_any_number() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("wild");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        concat!(
+            "{\"kind\":\"step\",\"step\":1,\"loss\":1e308,\"embed_std\":0.1}\n",
+            "{\"kind\":\"step\",\"step\":2,\"loss\":-1e308,\"embed_std\":-1e300}\n",
+            "{\"kind\":\"step\",\"step\":3,\"loss\":2.5,\"embed_std\":0.05}\n",
+            "{\"kind\":\"step\",\"step\":4,\"loss\":1e14,\"embed_std\":0.05}\n",
+            "{\"kind\":\"epoch\",\"epoch\":1,\"knn_top1\":1e308}\n",
+        ),
+    )
+    .unwrap();
+    let mut child = selfsup()
+        .args(["plot", run.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > 30 {
+            child.kill().unwrap();
+            panic!("plot still running after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 4 value(s)"));
+    assert!(run.join("metrics.png").is_file());
+}
+
+#[test]
+fn requests_beyond_the_machine_are_refused_before_anything_starts() {
+    let d = tempfile::tempdir().unwrap();
+    let big = d.path().join("big.toml");
+    std::fs::write(&big, "image_size = 100000\n").unwrap();
+    let run = d.path().join("run");
+    for (args, says) in [
+        (vec!["--threads", "100000"], "more than this machine's"),
+        (
+            vec!["--encoder", "resnet18-w99999999999"],
+            "GiB per process",
+        ),
+        (vec!["--config", big.to_str().unwrap()], "image size 100000"),
+    ] {
+        let t0 = std::time::Instant::now();
+        let out = selfsup()
+            .args(["train", "--dataset", "folder:/nonexistent", "--out"])
+            .arg(&run)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(t0.elapsed().as_secs() < 10);
+        assert!(!run.exists());
+    }
+}

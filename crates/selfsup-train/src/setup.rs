@@ -285,6 +285,39 @@ fn eval_loader(
     )?)
 }
 
+/// A rough estimate of a training process's peak memory for `cfg` (bytes, one rank of
+/// `world`): activations from measured peaks (SimCLR, 32x32 images, batch 256, two views:
+/// small-cnn 626 MiB, resnet18 3,158 MiB, docs/benchmarks.md) scaled by views per rank, image
+/// area, width and stem, plus 20 bytes per parameter (weights, gradients, optimiser state,
+/// targets, checkpoint buffers). It errs low; it exists to refuse absurd settings (an image
+/// size of 100,000, a width of 1e11) with one line before anything is allocated.
+pub fn estimated_peak_bytes(cfg: &TrainConfig, world: usize) -> Result<f64> {
+    let kind: EncoderKind = cfg
+        .encoder
+        .parse()
+        .map_err(|e: selfsup_models::Error| Error::Config(e.to_string()))?;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let (per_view, params) = match &kind {
+        EncoderKind::SmallCnn => (1.2 * MIB, 0.4e6),
+        EncoderKind::ConvnetSeed => (1.0 * MIB, 2.2e6),
+        EncoderKind::ResNet(r) => {
+            let (act, p) = match r.depth {
+                18 => (6.2, 11.2e6),
+                34 => (11.0, 21.3e6),
+                _ => (19.0, 23.5e6),
+            };
+            let stem = match r.stem {
+                selfsup_models::Stem::Cifar => 1.0,
+                selfsup_models::Stem::Imagenet => 1.0 / 16.0,
+            };
+            (act * MIB * r.width * stem, p * r.width * r.width)
+        }
+    };
+    let views = 2.0 * (cfg.batch_size / world.max(1)).max(1) as f64;
+    let area = (cfg.image_size as f64 / 32.0).powi(2);
+    Ok(views * per_view * area + 20.0 * params)
+}
+
 /// A trainer for `cfg` over `data`, in one process.
 pub fn build_trainer(cfg: &TrainConfig, data: RunData) -> Result<Trainer> {
     build_trainer_dist(cfg, data, selfsup_dist::single())
