@@ -30,7 +30,11 @@ for m in "${METHODS[@]}"; do
   out="$ROOT/${m/+/-}"
   # A stopped run continues from its last epoch; a finished one returns at once.
   resume=()
-  if [ -d "$out/checkpoint" ]; then resume=(--resume); else rm -rf "$out"; fi
+  # (state.json is written last: its presence marks a complete checkpoint, in any of the three
+  # folders a save can leave; nothing is ever deleted here.)
+  for c in checkpoint checkpoint.old .checkpoint.tmp; do
+    if [ -f "$out/$c/state.json" ]; then resume=(--resume); fi
+  done
   if ! "$BIN" train --preset cifar10-cpu --method "$m" --epochs "$EPOCHS" --train-subset "$SUBSET" \
     --warmup-epochs "$WARMUP" --knn-every 0 --threads 2 --out "$out" "${resume[@]}" "${lr[@]}" \
     >> "$out.log" 2>&1; then

@@ -491,6 +491,17 @@ fn train(a: &TrainArgs) -> Result<()> {
     r
 }
 
+/// What a run folder may hold: a folder with anything else is not one.
+pub(crate) const RUN_FILES: [&str; 7] = [
+    "config.toml",
+    "metrics.jsonl",
+    "metrics.png",
+    "checkpoint",
+    "checkpoint.old",
+    ".checkpoint.tmp",
+    ".lock",
+];
+
 /// The machine's memory (`MemTotal` of /proc/meminfo), where it can be read.
 fn total_memory_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -568,15 +579,6 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
     let out = Path::new(&cfg.out);
     if !a.resume {
         // A new run goes into an empty folder or one that only a stopped run used.
-        const RUN_FILES: [&str; 7] = [
-            "config.toml",
-            "metrics.jsonl",
-            "metrics.png",
-            "checkpoint",
-            "checkpoint.old",
-            ".checkpoint.tmp",
-            ".lock",
-        ];
         if let Ok(rd) = std::fs::read_dir(out) {
             let foreign: Vec<String> = rd
                 .flatten()
@@ -923,6 +925,19 @@ fn embed(a: &EmbedArgs) -> Result<()> {
         &eval_loader(ds, size, norm, a.ck.threads)?,
         &device,
     )?;
+    // Never into a checkpoint or a run folder: `--out RUN/checkpoint/encoder.safetensors`
+    // replaced the weights it was computed from.
+    let parent = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if parent.join("state.json").exists() || parent.join("metrics.jsonl").exists() {
+        bail!(
+            "--out {} is inside a run or checkpoint folder; write embeddings elsewhere",
+            a.out.display()
+        );
+    }
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tmp = a
         .out

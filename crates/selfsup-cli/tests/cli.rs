@@ -147,6 +147,20 @@ fn train_resume_embed_and_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Embeddings never overwrite the checkpoint they come from, nor land in a run folder.
+    let weights = run.join("checkpoint/encoder.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    for target in [weights.clone(), run.join("emb.npy")] {
+        let out = selfsup()
+            .args(["embed", "--checkpoint", run.to_str().unwrap()])
+            .args(["--data", &format!("folder:{}", imgs.display()), "--out"])
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", target.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("inside a run or checkpoint folder"));
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
 
 #[test]
