@@ -353,10 +353,42 @@ fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         cfg = merge_toml(&cfg, s).with_context(|| format!("{}", path.display()))?;
     }
     if a.resume {
+        // The run's own configuration (or its checkpoint's), not the preset's or the file's;
+        // flags that would make it another run are refused.
         let out = a.out.clone().unwrap_or_else(|| cfg.out.clone());
-        let saved = Path::new(&out).join("config.toml");
-        if let Ok(s) = std::fs::read_to_string(&saved) {
-            cfg = TrainConfig::from_toml(&s).with_context(|| format!("{}", saved.display()))?;
+        let run = Path::new(&out);
+        let candidates = [
+            Some(run.join("config.toml")),
+            checkpoint::latest(run).map(|d| d.join("config.toml")),
+        ];
+        if let Some((path, s)) = candidates
+            .into_iter()
+            .flatten()
+            .find_map(|p| std::fs::read_to_string(&p).ok().map(|s| (p, s)))
+        {
+            cfg = TrainConfig::from_toml(&s).with_context(|| format!("{}", path.display()))?;
+            let differs = |flag: &str, given: Option<String>, saved: String| -> Result<()> {
+                match given {
+                    Some(g) if g != saved => bail!(
+                        "--resume: --{flag} {g} is not the run's {saved} ({}); another {flag} is a new run",
+                        path.display()
+                    ),
+                    _ => Ok(()),
+                }
+            };
+            differs("method", a.method.clone(), cfg.method.clone())?;
+            differs("encoder", a.encoder.clone(), cfg.encoder.clone())?;
+            differs(
+                "dataset",
+                a.dataset.as_deref().map(absolute_dataset).transpose()?,
+                absolute_dataset(&cfg.dataset)?,
+            )?;
+            differs(
+                "batch-size",
+                a.batch_size.map(|v| v.to_string()),
+                cfg.batch_size.to_string(),
+            )?;
+            differs("seed", a.seed.map(|v| v.to_string()), cfg.seed.to_string())?;
         }
     }
     macro_rules! set {
@@ -491,6 +523,27 @@ fn train(a: &TrainArgs) -> Result<()> {
     r
 }
 
+/// `folder:PATH` with an absolute path (other dataset names as they are), so that a run's saved
+/// configuration resumes from any working directory.
+fn absolute_dataset(d: &str) -> Result<String> {
+    Ok(match d.strip_prefix("folder:") {
+        Some(p) => format!("folder:{}", std::path::absolute(p)?.display()),
+        None => d.to_string(),
+    })
+}
+
+/// Local paths of a new run's configuration made absolute (see [`absolute_dataset`]).
+fn absolute_paths(cfg: &mut TrainConfig) -> Result<()> {
+    cfg.dataset = absolute_dataset(&cfg.dataset)?;
+    if !cfg.data_dir.is_empty() {
+        cfg.data_dir = std::path::absolute(&cfg.data_dir)?.display().to_string();
+    }
+    if !cfg.source.is_empty() && !cfg.source.contains("://") {
+        cfg.source = std::path::absolute(&cfg.source)?.display().to_string();
+    }
+    Ok(())
+}
+
 /// What a run folder may hold: a folder with anything else is not one.
 pub(crate) const RUN_FILES: [&str; 7] = [
     "config.toml",
@@ -532,6 +585,9 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
         return Ok(());
     }
     let (rank, world) = (comm.rank(), comm.world_size());
+    if !a.resume {
+        absolute_paths(&mut cfg)?;
+    }
     if world > 1 && cfg.threads == 0 {
         cfg.threads = threads_per_rank(world);
     }

@@ -590,3 +590,78 @@ fn requests_beyond_the_machine_are_refused_before_anything_starts() {
         assert!(!run.exists());
     }
 }
+
+#[test]
+fn resume_keeps_the_run_meaning_and_works_from_another_directory() {
+    let d = tempfile::tempdir().unwrap();
+    write_folder(&d.path().join("imgs"));
+    std::fs::write(
+        d.path().join("small.toml"),
+        "image_size = 16\nproj_hidden = 32\nproj_out = 16\nknn_every = 0\n",
+    )
+    .unwrap();
+    // Relative paths, from the temporary folder.
+    let out = selfsup()
+        .current_dir(d.path())
+        .args([
+            "train",
+            "--dataset",
+            "folder:imgs",
+            "--config",
+            "small.toml",
+        ])
+        .args([
+            "--epochs",
+            "2",
+            "--stop-after",
+            "1",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+        ])
+        .args(["--out", "run"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let run = d.path().join("run");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains(&format!("folder:{}", d.path().join("imgs").display())),
+        "{saved}"
+    );
+    // Flags that would make it another run are refused, with one line.
+    for (flag, value) in [
+        ("--batch-size", "8"),
+        ("--method", "byol"),
+        ("--seed", "99"),
+        ("--encoder", "resnet18"),
+    ] {
+        let out = selfsup()
+            .args([
+                "train",
+                "--resume",
+                "--out",
+                run.to_str().unwrap(),
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is a new run") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    // From another directory, with nothing but --resume and --out: the run's own config.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = selfsup()
+        .current_dir(elsewhere.path())
+        .args(["train", "--resume", "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done: 2 epochs"));
+}
