@@ -109,9 +109,11 @@ fn losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
+/// `||a - b|| / max(||a - prev||, 1e-3 ||a||)`: how far two runs ended apart, against how far
+/// the reference moved in its last epoch (`prev`: its previous checkpoint, `checkpoint.old`).
+fn deviation(a: &Tensor, b: &Tensor, prev: &Tensor) -> f64 {
     let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let (a, b) = (f(a), f(b));
+    let (a, b, p) = (f(a), f(b), f(prev));
     let n = |t: Tensor| {
         t.sqr()
             .unwrap()
@@ -122,7 +124,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
             .to_scalar::<f64>()
             .unwrap()
     };
-    n((&a - &b).unwrap()) / n(a).max(1e-12)
+    let scale = n((&a - &p).unwrap()).max(1e-3 * n(a.clone())).max(1e-12);
+    n((&a - &b).unwrap()) / scale
 }
 
 fn two_ranks_equal_one(method: &str) {
@@ -163,19 +166,27 @@ fn two_ranks_equal_one(method: &str) {
         );
     }
     let (m1, m2) = (model(&one), model(&two));
+    let prev =
+        candle_core::safetensors::load(one.join("checkpoint.old/model.safetensors"), &Device::Cpu)
+            .unwrap();
     assert_eq!(m1.len(), m2.len());
+    let mut worst = 0f64;
     for (name, t) in &m1 {
         if name.ends_with("num_batches_tracked") {
             continue;
         }
-        let r = rel(t, &m2[name]);
-        // Relative to the tensor's size; the in-process tests (selfsup-train tests/dist.rs)
-        // measure the deviation against each tensor's update.
+        worst = worst.max(deviation(t, &m2[name], &prev[name]));
+        // Against the tensor's last-epoch update (the in-process tests, selfsup-train
+        // tests/dist.rs, measure it against the whole run's update, with 1e-2): f32 last-bit
+        // differences, and the rare max-pool / ReLU tie they flip, stay far below it; a wrong
+        // gather or gradient scale moves tensors by their whole update.
+        let r = deviation(t, &m2[name], &prev[name]);
         assert!(
-            r < 1e-4,
-            "{method}: {name} differs by {r:.2e} (1 process vs 2 ranks)"
+            r < 5e-2,
+            "{method}: {name} deviates by {r:.2e} of its update (1 process vs 2 ranks)"
         );
     }
+    eprintln!("{method}: worst deviation {worst:.2e}");
 }
 
 #[test]
