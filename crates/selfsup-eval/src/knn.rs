@@ -59,19 +59,8 @@ pub fn knn_predict(
             "kNN needs k > 0 and temperature > 0, got {cfg:?}"
         )));
     }
-    for (what, t) in [("memory bank", train), ("query", query)] {
-        let finite = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err(Error::Input(format!(
-                "kNN: the {what} features hold NaN or infinite values (an encoder with non-finite weights or a diverged run); no accuracy is reported"
-            )));
-        }
-    }
+    crate::check_finite("kNN", "memory bank", train)?;
+    crate::check_finite("kNN", "query", query)?;
     let k = cfg.k.min(n);
     let train = l2norm(&train.to_device(&Device::Cpu)?)?;
     let query = l2norm(&query.to_device(&Device::Cpu)?)?;

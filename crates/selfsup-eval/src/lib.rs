@@ -40,6 +40,24 @@ pub enum Error {
 /// Shorthand result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Features with a NaN or an infinity come from an encoder with non-finite weights or a
+/// diverged run: no accuracy is computed from them.
+pub(crate) fn check_finite(who: &str, what: &str, t: &candle_core::Tensor) -> Result<()> {
+    let finite = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite());
+    if finite {
+        Ok(())
+    } else {
+        Err(Error::Input(format!(
+            "{who}: the {what} features hold NaN or infinite values (an encoder with non-finite weights or a diverged run); no accuracy is reported"
+        )))
+    }
+}
+
 /// Indices of a class-balanced subset holding `fraction` of each class (at least one per class),
 /// drawn with `seed`; sorted.
 pub fn balanced_subset(labels: &[usize], fraction: f64, seed: u64) -> Vec<usize> {

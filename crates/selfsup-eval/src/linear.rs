@@ -62,6 +62,8 @@ pub fn linear_probe(
     let dev = Device::Cpu;
     let train = train.to_device(&dev)?.to_dtype(DType::F32)?;
     let test = test.to_device(&dev)?.to_dtype(DType::F32)?;
+    crate::check_finite("linear probe", "training", &train)?;
+    crate::check_finite("linear probe", "test", &test)?;
     let (n, d) = train.dims2()?;
     if n != train_labels.len() || test.dim(0)? != test_labels.len() || test.dim(1)? != d || n == 0 {
         return Err(Error::Input(format!(

@@ -124,3 +124,17 @@ fn knn_refuses_non_finite_features() {
     let bank = candle_core::Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
     assert!(selfsup_eval::knn(&bank, &[0, 1], &inf, &[0], 2, cfg).is_err());
 }
+
+#[test]
+fn the_linear_probe_refuses_non_finite_features() {
+    let dev = candle_core::Device::Cpu;
+    let ok = candle_core::Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+    let bad = candle_core::Tensor::new(&[[1f32, f32::NAN], [0., 1.]], &dev).unwrap();
+    let cfg = selfsup_eval::LinearProbeConfig::default();
+    for (train, test) in [(&bad, &ok), (&ok, &bad)] {
+        let e = selfsup_eval::linear_probe(train, &[0, 1], test, &[0, 1], 2, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NaN or infinite"), "{e}");
+    }
+}
