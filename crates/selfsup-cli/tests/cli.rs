@@ -242,11 +242,11 @@ fn a_hybrid_trains_from_the_cli() {
     );
 }
 
-#[test]
-fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
+/// A CIFAR-10 folder of 20 noise images per file (labels cycling 0-9), test image 0 equal to
+/// training image 7.
+fn write_small_cifar(root: &Path) {
     use selfsup_data::cifar;
-    let d = tempfile::tempdir().unwrap();
-    let b = d.path().join(cifar::BATCHES_DIR);
+    let b = root.join(cifar::BATCHES_DIR);
     std::fs::create_dir_all(&b).unwrap();
     let per = 20;
     let mut rng = 1u32;
@@ -274,6 +274,12 @@ fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
         cifar::write_batch(&b.join(f), &px, &labels).unwrap();
     }
     std::fs::write(b.join(cifar::META_FILE), cifar::CLASSES.join("\n")).unwrap();
+}
+
+#[test]
+fn neighbors_grid_and_pixel_knn_on_a_small_cifar() {
+    let d = tempfile::tempdir().unwrap();
+    write_small_cifar(d.path());
     let png = d.path().join("grid.png");
     let out = selfsup()
         .args([
@@ -664,4 +670,41 @@ fn resume_keeps_the_run_meaning_and_works_from_another_directory() {
         .unwrap();
     assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("done: 2 epochs"));
+}
+
+#[test]
+fn low_label_replaces_only_its_own_earlier_runs() {
+    let d = tempfile::tempdir().unwrap();
+    write_small_cifar(d.path());
+    let out_dir = d.path().join("ll");
+    let low_label = || {
+        selfsup()
+            .args([
+                "eval",
+                "low-label",
+                "--baseline",
+                "random",
+                "--encoder",
+                "small-cnn",
+            ])
+            .args(["--fractions", "0.1", "--epochs", "1", "--batch-size", "4"])
+            .args(["--data-dir", d.path().to_str().unwrap()])
+            .args(["--out", out_dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    // Something else in the folder a run would take: refused, kept.
+    let taken = out_dir.join("scratch-10pct");
+    std::fs::create_dir_all(&taken).unwrap();
+    std::fs::write(taken.join("notes.txt"), b"mine").unwrap();
+    let out = low_label();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a selfsup run"));
+    assert_eq!(std::fs::read(taken.join("notes.txt")).unwrap(), b"mine");
+    // Its own earlier runs are replaced, and it says so.
+    std::fs::remove_dir_all(&taken).unwrap();
+    assert_ok(&low_label());
+    let out = low_label();
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replacing the earlier low-label run"));
 }
