@@ -8,7 +8,8 @@
 #
 # LR: override the preset's learning rate (runs go to a folder named after it).
 # EPOCHS / SUBSET: the budget (default: 1 epoch over the first 10,000 training images; the
-# cifar10-cpu preset's full budget is EPOCHS=10 SUBSET=0). Runs go to runs/methods-<budget>/.
+# cifar10-cpu preset's full budget is EPOCHS=10 SUBSET=0). Runs go to runs/methods-<budget>/
+# (SELFSUP_RUNS: another folder). SELFSUP_BIN: the selfsup binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -16,7 +17,7 @@ EPOCHS=${EPOCHS:-1}
 SUBSET=${SUBSET:-10000}
 WARMUP=${WARMUP:-0.1}
 LR=${LR:-}
-ROOT=runs/methods-e${EPOCHS}-n${SUBSET}${LR:+-lr$LR}
+ROOT=${SELFSUP_RUNS:-runs/methods-e${EPOCHS}-n${SUBSET}${LR:+-lr$LR}}
 lr=()
 if [ -n "$LR" ]; then lr=(--lr "$LR"); fi
 METHODS=("$@")

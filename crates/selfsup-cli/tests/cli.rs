@@ -708,3 +708,50 @@ fn low_label_replaces_only_its_own_earlier_runs() {
     assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("replacing the earlier low-label run"));
 }
+
+/// scripts/compare-methods.sh resumes a run from whichever complete checkpoint folder a save
+/// left (here only `checkpoint.old`), and deletes nothing.
+#[test]
+fn compare_methods_never_deletes_a_resumable_run() {
+    let d = tempfile::tempdir().unwrap();
+    let runs = d.path().join("runs");
+    let run = runs.join("simclr");
+    std::fs::create_dir_all(run.join("checkpoint.old")).unwrap();
+    std::fs::write(run.join("checkpoint.old/state.json"), b"{}").unwrap();
+    std::fs::create_dir_all(runs.join("moco")).unwrap();
+    std::fs::write(runs.join("moco/metrics.jsonl"), b"").unwrap();
+    // A stand-in binary that records its arguments and fails (the script then reports the
+    // failure and goes on).
+    let fake = d.path().join("fake-selfsup");
+    let log = d.path().join("calls.log");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", log.display()),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", fake.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/compare-methods.sh"
+    );
+    let out = std::process::Command::new("bash")
+        .args([script, "simclr", "moco"])
+        .env("SELFSUP_BIN", &fake)
+        .env("SELFSUP_RUNS", &runs)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(
+        run.join("checkpoint.old/state.json").is_file(),
+        "the run was deleted"
+    );
+    assert!(runs.join("moco/metrics.jsonl").is_file());
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 2, "{calls}");
+    assert!(lines[0].contains("--method simclr") && lines[0].contains("--resume"));
+    assert!(lines[1].contains("--method moco") && !lines[1].contains("--resume"));
+}
