@@ -19,7 +19,8 @@ pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     v
 }
 
-/// Write tensors to `path` atomically (temporary file in the same folder, then rename).
+/// Write tensors to `path` atomically and durably (temporary file in the same folder, fsync,
+/// rename, fsync of the folder).
 pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let io = |source| Error::Io {
@@ -33,10 +34,21 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
             msg: format!("cannot write: {e}"),
         }
     })?;
+    // On disk before the rename makes it visible (a power loss leaves the old file or the new).
+    if let Err(e) = std::fs::File::open(&tmp).and_then(|f| f.sync_all()) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)
-    })
+    })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Save every variable of `varmap`, with `prefix` stripped from the names (`""`: none), to a
