@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use selfsup_data::{InMemory, Normalize};
 use selfsup_eval::{balanced_subset, extract_features, linear_probe, LinearProbeConfig};
@@ -84,18 +84,7 @@ fn supervised(
     let out = ll.out.join(tag);
     if out.exists() {
         // Only a run folder of an earlier low-label evaluation is replaced, and it is said.
-        let foreign: Vec<String> = std::fs::read_dir(&out)?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| !crate::RUN_FILES.contains(&n.as_str()))
-            .collect();
-        if !foreign.is_empty() {
-            bail!(
-                "{} holds files that are not a selfsup run ({}); choose another --out",
-                out.display(),
-                foreign.join(", ")
-            );
-        }
+        crate::ensure_run_folder(&out)?;
         tracing::warn!("replacing the earlier low-label run in {}", out.display());
         std::fs::remove_dir_all(&out)?;
     }

@@ -555,6 +555,27 @@ pub(crate) const RUN_FILES: [&str; 7] = [
     ".lock",
 ];
 
+/// `dir` is missing, empty, or holds only what a run folder holds ([`RUN_FILES`]); otherwise an
+/// error naming what else is there (it is not ours to write into or replace).
+pub(crate) fn ensure_run_folder(dir: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let foreign: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !RUN_FILES.contains(&n.as_str()))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "{} holds files that are not a selfsup run ({}); choose another --out",
+            dir.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The machine's memory (`MemTotal` of /proc/meminfo), where it can be read.
 fn total_memory_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -635,20 +656,7 @@ fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
     let out = Path::new(&cfg.out);
     if !a.resume {
         // A new run goes into an empty folder or one that only a stopped run used.
-        if let Ok(rd) = std::fs::read_dir(out) {
-            let foreign: Vec<String> = rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| !RUN_FILES.contains(&n.as_str()))
-                .collect();
-            if !foreign.is_empty() {
-                bail!(
-                    "{} holds files that are not a selfsup run ({}); choose another --out",
-                    out.display(),
-                    foreign.join(", ")
-                );
-            }
-        }
+        ensure_run_folder(out)?;
     }
     // One process per run folder (rank 0 writes it): refused at once, before anything is read.
     let lock = if rank == 0 {

@@ -1,33 +1,10 @@
 //! The `selfsup` binary end to end on a small image folder: train, resume, embed, errors.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-fn selfsup() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_selfsup"))
-}
-
-/// The command succeeded, or its standard error in the failure.
-fn assert_ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_folder(root: &Path) {
-    let data = selfsup_data::synthetic::stripes(48, 16, 2, 5);
-    for i in 0..48 {
-        let item = selfsup_data::Dataset::get(&data, i).unwrap();
-        let dir = root.join(format!("class{}", item.label.unwrap()));
-        std::fs::create_dir_all(&dir).unwrap();
-        item.image
-            .to_rgb()
-            .save(dir.join(format!("{i}.png")))
-            .unwrap();
-    }
-}
+use common::{assert_ok, selfsup, write_folder};
 
 #[test]
 fn train_resume_embed_and_errors() {

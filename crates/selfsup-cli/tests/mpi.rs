@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-const BIN: &str = env!("CARGO_BIN_EXE_selfsup");
+mod common;
+
+use common::{assert_ok, write_folder, BIN};
 
 /// `mpirun -np n selfsup ...`, allowed to run as root and on more ranks than cores (CI).
 fn mpirun(n: usize) -> Command {
@@ -25,28 +27,6 @@ fn mpirun(n: usize) -> Command {
     .env("OMPI_MCA_mpi_yield_when_idle", "1")
     .arg(BIN);
     c
-}
-
-fn assert_ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_folder(root: &Path) {
-    let data = selfsup_data::synthetic::stripes(48, 16, 2, 5);
-    for i in 0..48 {
-        let item = selfsup_data::Dataset::get(&data, i).unwrap();
-        let dir = root.join(format!("class{}", item.label.unwrap()));
-        std::fs::create_dir_all(&dir).unwrap();
-        item.image
-            .to_rgb()
-            .save(dir.join(format!("{i}.png")))
-            .unwrap();
-    }
 }
 
 fn train_args(imgs: &Path, run: &Path, method: &str, epochs: usize) -> Vec<String> {

@@ -220,20 +220,24 @@ impl Trainer {
         if self.comm.world_size() == 1 {
             return Ok(());
         }
-        let names: Vec<String> = {
-            let mut v: Vec<String> = self
-                .method
-                .varmap()
-                .data()
-                .lock()
-                .unwrap()
-                .keys()
-                .cloned()
-                .collect();
-            v.sort();
-            v
-        };
-        self.broadcast_vars(&names)
+        self.broadcast_vars(&self.var_names(|_| true))
+    }
+
+    /// The names of the method's variables that `keep` accepts, sorted (the same order on every
+    /// rank).
+    fn var_names(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .method
+            .varmap()
+            .data()
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| keep(k))
+            .cloned()
+            .collect();
+        v.sort();
+        v
     }
 
     /// Rank 0's values of the variables `names` (same order on every rank) on every rank.
@@ -437,18 +441,7 @@ impl Trainer {
         self.broadcast_state()?;
         let writer = self.is_writer();
         let buffers: Vec<String> = if self.comm.world_size() > 1 && !self.cfg.sync_bn {
-            let mut v: Vec<String> = self
-                .method
-                .varmap()
-                .data()
-                .lock()
-                .unwrap()
-                .keys()
-                .filter(|k| selfsup_models::layers::is_buffer(k))
-                .cloned()
-                .collect();
-            v.sort();
-            v
+            self.var_names(selfsup_models::layers::is_buffer)
         } else {
             Vec::new()
         };

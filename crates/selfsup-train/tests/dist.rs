@@ -76,10 +76,9 @@ fn logged_losses(dir: &std::path::Path) -> Vec<f64> {
         .collect()
 }
 
-/// Train `method` with `world` ranks (threads), the global batch fixed.
-fn run(method: &str, world: usize, sync_bn: bool) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let c = cfg(method, dir.path(), sync_bn);
+/// `f(comm)` on each of `world` ranks (threads over a `LocalGroup`; one rank: `Single`), the
+/// results in rank order.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(Comm) -> T + Sync) -> Vec<T> {
     let comms: Vec<Comm> = if world == 1 {
         vec![selfsup_dist::single()]
     } else {
@@ -89,22 +88,26 @@ fn run(method: &str, world: usize, sync_bn: bool) -> Outcome {
             .map(|g| Arc::new(g) as Comm)
             .collect()
     };
-    let weights = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
-                let c = c.clone();
-                s.spawn(move || {
-                    let mut t = build_trainer_dist(&c, data(), comm).unwrap();
-                    t.fit(None).unwrap();
-                    vars(&t)
-                })
+                let f = &f;
+                s.spawn(move || f(comm))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Train `method` with `world` ranks (threads), the global batch fixed.
+fn run(method: &str, world: usize, sync_bn: bool) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(method, dir.path(), sync_bn);
+    let weights = on_ranks(world, |comm| {
+        let mut t = build_trainer_dist(&c, data(), comm).unwrap();
+        t.fit(None).unwrap();
+        vars(&t)
     });
     Outcome {
         losses: logged_losses(dir.path()),
@@ -373,23 +376,11 @@ fn the_knn_monitor_on_three_ranks_equals_one_process() {
         .knn_eval()
         .unwrap()
         .unwrap();
-    let comms: Vec<Comm> = LocalGroup::new(3)
-        .unwrap()
-        .into_iter()
-        .map(|g| Arc::new(g) as Comm)
-        .collect();
-    let three: Vec<Option<(f64, f64)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let c = c.clone();
-                s.spawn(move || {
-                    let t = build_trainer_dist(&c, data(), comm).unwrap();
-                    t.knn_eval().unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let three = on_ranks(3, |comm| {
+        build_trainer_dist(&c, data(), comm)
+            .unwrap()
+            .knn_eval()
+            .unwrap()
     });
     assert_eq!(
         three[0],
@@ -412,14 +403,9 @@ fn a_run_stopped_on_two_ranks_resumes_in_one_process() {
     let straight = run("simclr", 1, true);
     let dir = tempfile::tempdir().unwrap();
     let c = cfg("simclr", dir.path(), true);
-    std::thread::scope(|s| {
-        for g in LocalGroup::new(2).unwrap() {
-            let c = c.clone();
-            s.spawn(move || {
-                let mut t = build_trainer_dist(&c, data(), Arc::new(g) as Comm).unwrap();
-                assert_eq!(t.fit(Some(1)).unwrap().epochs, 1);
-            });
-        }
+    on_ranks(2, |comm| {
+        let mut t = build_trainer_dist(&c, data(), comm).unwrap();
+        assert_eq!(t.fit(Some(1)).unwrap().epochs, 1);
     });
     let mut t = build_trainer_dist(&c, data(), selfsup_dist::single()).unwrap();
     assert!(t.resume().unwrap());
