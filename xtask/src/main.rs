@@ -9,26 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod bench_dist;
 
-// mimalloc keeps freed pages for reuse: candle allocates a fresh buffer per op, and with the
-// system allocator a quarter of a training step went to page faults.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `mi_option_purge_delay` (index 15 in both its v2 and v3 option enums; the sys
-/// crate names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Never hand freed memory back to the OS. By default mimalloc purges pages unused for 10 ms,
-/// and every training step then re-faults (and the kernel re-zeroes) the same few hundred MiB
-/// of activations: a third of the small-cnn step's samples sat in `clear_page`. Keeping the
-/// pages made the small-cnn step about 1.3x faster (docs/benchmarks.md) for a peak RSS within
-/// 10% of before.
-/// `MIMALLOC_PURGE_DELAY` in the environment still overrides this default.
-fn keep_freed_pages() {
-    // SAFETY: sets a process-wide allocator option; called first thing in `main`, and mimalloc
-    // documents options as settable at any time.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, -1) }
-}
+static GLOBAL: selfsup_alloc::Allocator = selfsup_alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "selfsup project tasks")]
@@ -157,7 +139,7 @@ fn mpi_missing() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    keep_freed_pages();
+    selfsup_alloc::keep_freed_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

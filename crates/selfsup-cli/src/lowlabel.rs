@@ -84,7 +84,7 @@ fn supervised(
     let out = ll.out.join(tag);
     if out.exists() {
         // Only a run folder of an earlier low-label evaluation is replaced, and it is said.
-        crate::ensure_run_folder(&out)?;
+        crate::train::ensure_run_folder(&out)?;
         tracing::warn!("replacing the earlier low-label run in {}", out.display());
         std::fs::remove_dir_all(&out)?;
     }
@@ -113,7 +113,7 @@ fn supervised(
     };
     let mut t = build_trainer_with(&cfg, data, Box::new(method))?;
     t.fit(None)?;
-    let loader = crate::eval_loader(test.clone(), 32, Normalize::cifar10(), ll.threads)?;
+    let loader = crate::data::eval_loader(test.clone(), 32, Normalize::cifar10(), ll.threads)?;
     let feats = extract_features(t.method().encoder(), &loader, &device)?;
     top1(t.method(), &feats)
 }

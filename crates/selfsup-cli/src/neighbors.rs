@@ -1,22 +1,20 @@
 //! `selfsup neighbors`: a picture of a query image and its nearest training images.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use crate::{data::*, encoder::*, set_threads};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use clap::Args;
+use selfsup_data::folder;
 use selfsup_data::{Dataset, Image, InMemory, Normalize};
+use selfsup_eval::extract_features;
 use selfsup_eval::Features;
+use selfsup_train::parse_device;
 
 /// Indices of the `k` bank rows most similar (cosine) to `q` `(1, D)`, best first, with scores.
 pub fn nearest(bank: &Features, q: &Tensor, k: usize) -> Result<Vec<(usize, f32)>> {
-    let norm = |x: &Tensor| -> Result<Tensor> {
-        let n = x
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12, f64::INFINITY)?;
-        Ok(x.broadcast_div(&n)?)
-    };
+    let norm = |x: &Tensor| -> Result<Tensor> { Ok(selfsup_eval::l2_normalize(x)?) };
     let sims: Vec<f32> = norm(&bank.x)?
         .matmul(&norm(q)?.t()?)?
         .flatten_all()?
@@ -72,5 +70,60 @@ pub fn write_grid(
         .save(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct NeighborsArgs {
+    #[command(flatten)]
+    pub(crate) ck: CheckpointArgs,
+    /// An image file, or `cifar10-test:INDEX`.
+    #[arg(long)]
+    pub(crate) query: String,
+    /// Neighbours to show.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) k: usize,
+    /// Output PNG.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+pub(crate) fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
+    set_threads(a.ck.threads);
+    let device = parse_device(&a.ck.device)?;
+    let (enc, cfg) = load_encoder(&a.ck, &device)?;
+    let enc = for_inference(enc, &a.ck, &cfg, &Normalize::cifar10());
+    let (train, test) = load_cifar(&a.ck.data_dir, "", "")?;
+    let query = match a.query.strip_prefix("cifar10-test:") {
+        Some(i) => {
+            let i: usize = i
+                .parse()
+                .with_context(|| format!("bad index in {:?}", a.query))?;
+            selfsup_data::Dataset::get(&test, i)?.image
+        }
+        None => folder::load_image(Path::new(&a.query), 32)?,
+    };
+    let bank = extract_features(
+        enc.as_ref(),
+        &eval_loader(train.clone(), 32, Normalize::cifar10(), a.ck.threads)?,
+        &device,
+    )?;
+    let q = enc
+        .features(&query_tensor(&query, &Normalize::cifar10())?.to_device(&device)?)?
+        .to_device(&Device::Cpu)?;
+    let hits = nearest(&bank, &q, a.k)?;
+    write_grid(&query, &train, &hits, 4, &a.out)?;
+    let names = &train.class_names;
+    let labels = train.label_vec().unwrap_or_default();
+    let desc: Vec<String> = hits
+        .iter()
+        .map(|&(i, s)| {
+            format!(
+                "#{i} {} ({s:.3})",
+                labels.get(i).map(|&l| names[l].as_str()).unwrap_or("?")
+            )
+        })
+        .collect();
+    println!("wrote {}: {}", a.out.display(), desc.join(", "));
     Ok(())
 }

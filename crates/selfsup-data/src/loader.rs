@@ -87,6 +87,30 @@ impl std::fmt::Debug for Loader {
 }
 
 impl Loader {
+    /// The loader every evaluation reads features through: each image once, in order, no
+    /// augmentation (resized to `size` and normalised with `normalize`), batches of 512.
+    pub fn for_eval(
+        dataset: Arc<dyn Dataset>,
+        size: usize,
+        normalize: crate::Normalize,
+        threads: usize,
+    ) -> Result<Self> {
+        let cfg = LoaderConfig {
+            batch_size: 512,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            threads,
+            prefetch: 2,
+            shard: (0, 1),
+        };
+        Self::new(
+            dataset,
+            crate::preset_views(crate::Preset::None, size, normalize),
+            cfg,
+        )
+    }
+
     /// A loader over `dataset` producing the views of `views`.
     pub fn new(dataset: Arc<dyn Dataset>, views: MultiView, cfg: LoaderConfig) -> Result<Self> {
         if cfg.batch_size == 0 {

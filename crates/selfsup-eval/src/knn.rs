@@ -2,9 +2,15 @@
 //!
 //! For each query: the `k` most similar training features by cosine similarity `s`; class score
 //! `sum exp(s / T)` over the neighbours of that class; prediction = the best score. Defaults
-//! `k = 200`, `T = 0.1`.
+//! `k = 200`, `T = 0.1`. Checked against lightly's `knn_predict` (tests/reference.rs).
+//!
+//! Ties: neighbours with equal similarity are taken in bank order, and votes are summed in f64
+//! in that order, so equal neighbours give exactly equal class scores. A query whose class ties
+//! with another for the best score is **not** a top-1 hit (lightly's `argsort` would pick one of
+//! them arbitrarily); it is a top-5 hit when fewer than five other classes score at least as
+//! high. The same rule scores the linear probe.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -27,23 +33,14 @@ impl Default for KnnConfig {
     }
 }
 
-fn l2norm(x: &Tensor) -> Result<Tensor> {
-    let n = x
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    Ok(x.broadcast_div(&n)?)
-}
-
-/// Class scores `(Q, classes)` for each query, best first order not implied.
+/// Class scores `(Q, classes)` for each query (class order, not sorted).
 pub fn knn_predict(
     train: &Tensor,
     train_labels: &[usize],
     query: &Tensor,
     classes: usize,
     cfg: KnnConfig,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Vec<f64>>> {
     let (n, d) = train.dims2()?;
     let (_, dq) = query.dims2()?;
     if d != dq || n != train_labels.len() || n == 0 {
@@ -62,8 +59,8 @@ pub fn knn_predict(
     crate::check_finite("kNN", "memory bank", train)?;
     crate::check_finite("kNN", "query", query)?;
     let k = cfg.k.min(n);
-    let train = l2norm(&train.to_device(&Device::Cpu)?)?;
-    let query = l2norm(&query.to_device(&Device::Cpu)?)?;
+    let train = crate::l2_normalize(&train.to_device(&Device::Cpu)?)?;
+    let query = crate::l2_normalize(&query.to_device(&Device::Cpu)?)?;
     let tt = train.t()?.contiguous()?;
     let mut out = Vec::with_capacity(query.dim(0)?);
     let chunk = 256;
@@ -71,20 +68,23 @@ pub fn knn_predict(
     for start in (0..q).step_by(chunk) {
         let len = chunk.min(q - start);
         let sim: Vec<Vec<f32>> = query.narrow(0, start, len)?.matmul(&tt)?.to_vec2()?;
-        let scores: Vec<Vec<f32>> = sim
+        let scores: Vec<Vec<f64>> = sim
             .into_par_iter()
             .map(|row| {
+                // Most similar first; equal similarities in bank order.
+                let order =
+                    |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
                 let mut idx: Vec<u32> = (0..n as u32).collect();
                 if k < n {
-                    idx.select_nth_unstable_by(k - 1, |&a, &b| {
-                        row[b as usize].total_cmp(&row[a as usize])
-                    });
+                    idx.select_nth_unstable_by(k - 1, order);
                 }
-                let mut s = vec![0f32; classes];
-                for &i in &idx[..k] {
+                let top = &mut idx[..k];
+                top.sort_unstable_by(order);
+                let mut s = vec![0f64; classes];
+                for &i in top.iter() {
                     let l = train_labels[i as usize];
                     if l < classes {
-                        s[l] += ((row[i as usize] as f64) / cfg.temperature).exp() as f32;
+                        s[l] += (f64::from(row[i as usize]) / cfg.temperature).exp();
                     }
                 }
                 s
@@ -115,13 +115,20 @@ pub fn knn(
     Ok(topk_accuracy(&scores, query_labels))
 }
 
-/// Top-1 and top-5 accuracy from per-class scores.
-pub(crate) fn topk_accuracy(scores: &[Vec<f32>], labels: &[usize]) -> (f64, f64) {
+/// Top-1 and top-5 accuracy from per-class scores; a tie is not a hit (see the module docs).
+pub fn topk_accuracy<T: PartialOrd + Copy>(scores: &[Vec<T>], labels: &[usize]) -> (f64, f64) {
     let (mut t1, mut t5) = (0usize, 0usize);
     for (s, &l) in scores.iter().zip(labels) {
-        let target = s.get(l).copied().unwrap_or(f32::NEG_INFINITY);
-        // Rank = number of classes with a strictly higher score (ties favour the true class).
-        let rank = s.iter().filter(|&&v| v > target).count();
+        // A NaN score (a diverged probe) is never a hit.
+        let Some(&target) = s.get(l).filter(|t| t.partial_cmp(t).is_some()) else {
+            continue;
+        };
+        // Rank = other classes scoring at least as high as the true class.
+        let rank = s
+            .iter()
+            .enumerate()
+            .filter(|&(c, &v)| c != l && v >= target)
+            .count();
         t1 += (rank == 0) as usize;
         t5 += (rank < 5) as usize;
     }

@@ -17,7 +17,7 @@ mod knn;
 mod linear;
 
 pub use features::{extract_features, Features};
-pub use knn::{knn, knn_predict, KnnConfig};
+pub use knn::{knn, knn_predict, topk_accuracy, KnnConfig};
 pub use linear::{linear_probe, LinearProbeConfig, ProbeResult};
 
 /// Errors from evaluation.
@@ -32,9 +32,18 @@ pub enum Error {
     /// From the data crate.
     #[error(transparent)]
     Data(#[from] selfsup_data::Error),
+    /// From the losses crate.
+    #[error(transparent)]
+    Loss(#[from] selfsup_losses::Error),
     /// Inputs that do not fit.
     #[error("{0}")]
     Input(String),
+}
+
+/// Rows scaled to unit L2 norm (`x / max(||x||, 1e-12)`, `F.normalize`): the one
+/// implementation, [`selfsup_losses::ops::normalize`], under the name evaluation uses.
+pub fn l2_normalize(x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    Ok(selfsup_losses::ops::normalize(x)?)
 }
 
 /// Shorthand result type.

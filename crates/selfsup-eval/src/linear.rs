@@ -109,8 +109,7 @@ pub fn linear_probe(
             let x = train.index_select(&idx, 0)?;
             let y = labels_t.index_select(&idx, 0)?;
             let logits = x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
-            let loss = selfsup_losses::ops::cross_entropy(&logits, &y)
-                .map_err(|e| Error::Input(e.to_string()))?;
+            let loss = selfsup_losses::ops::cross_entropy(&logits, &y)?;
             opt.backward_step(&loss)?;
         }
     }

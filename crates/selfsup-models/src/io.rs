@@ -19,36 +19,43 @@ pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     v
 }
 
-/// Write tensors to `path` atomically and durably (temporary file in the same folder, fsync,
-/// rename, fsync of the folder).
-pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
+/// Write a file atomically and durably: `write` fills a temporary file in the same folder,
+/// which is fsync'd, renamed over `path`, and the folder fsync'd. A power loss or a kill leaves
+/// the old file or the new one, never a partial one; a failed write removes the temporary file.
+/// The one atomic writer of the workspace (configs, metrics, weights, embeddings).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let tmp = path.with_extension(format!("tmp-{}.{ext}", std::process::id()));
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| Error::Io { path: p, source }
     };
-    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
+    let written = write(&tmp).and_then(|()| std::fs::File::open(&tmp)?.sync_all());
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
-        Error::Weights {
-            path: path.to_path_buf(),
-            msg: format!("cannot write: {e}"),
-        }
-    })?;
-    // On disk before the rename makes it visible (a power loss leaves the old file or the new).
-    if let Err(e) = std::fs::File::open(&tmp).and_then(|f| f.sync_all()) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
+        return Err(io(path)(e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io)?;
+            .map_err(io(dir))?;
     }
     Ok(())
+}
+
+/// [`write_atomic_with`] for bytes in memory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Write tensors to `path` as safetensors, atomically and durably ([`write_atomic_with`]).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+    })
 }
 
 /// Save every variable of `varmap`, with `prefix` stripped from the names (`""`: none), to a

@@ -345,3 +345,47 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         ))
     })
 }
+
+/// What `--checkpoint PATH` names, resolved once for every consumer of a trained encoder.
+#[derive(Clone, Debug)]
+pub struct EncoderFiles {
+    /// The checkpoint folder.
+    pub dir: PathBuf,
+    /// The encoder weights: PATH itself when it is a file, else `dir/encoder.safetensors`.
+    pub weights: PathBuf,
+    /// The run's configuration saved beside the weights, when there is one.
+    pub config: Option<crate::TrainConfig>,
+}
+
+impl EncoderFiles {
+    /// The encoder's name: `given` (a flag) first, else the saved configuration's.
+    pub fn encoder_name(&self, given: Option<&str>) -> Result<String> {
+        match (given, &self.config) {
+            (Some(e), _) => Ok(e.to_string()),
+            (None, Some(c)) => Ok(c.encoder.clone()),
+            (None, None) => Err(Error::Checkpoint(format!(
+                "{}: no config.toml beside the weights; pass --encoder NAME",
+                self.dir.display()
+            ))),
+        }
+    }
+}
+
+/// Resolve `path` ([`resolve`]) to the encoder weights and the saved configuration.
+pub fn encoder_files(path: &Path) -> Result<EncoderFiles> {
+    let dir = resolve(path)?;
+    let config = match std::fs::read_to_string(dir.join("config.toml")) {
+        Ok(s) => Some(crate::TrainConfig::from_toml(&s)?),
+        Err(_) => None,
+    };
+    let weights = if path.is_file() {
+        path.to_path_buf()
+    } else {
+        dir.join("encoder.safetensors")
+    };
+    Ok(EncoderFiles {
+        dir,
+        weights,
+        config,
+    })
+}

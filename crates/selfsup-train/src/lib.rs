@@ -19,9 +19,11 @@ mod trainer;
 
 pub use config::TrainConfig;
 pub use lock::RunLock;
+/// The workspace's one atomic, durable file writer (see [`selfsup_models::io::write_atomic`]).
+pub use selfsup_models::io::write_atomic;
 pub use trainer::{
-    all_reduce_gradients, embedding_std, method_params, parse_device, shard_range, write_atomic,
-    KnnMonitor, Summary, Trainer,
+    all_reduce_gradients, embedding_std, method_params, parse_device, shard_range, KnnMonitor,
+    Progress, Summary, Trainer,
 };
 
 /// Errors from training.
@@ -36,6 +38,9 @@ pub enum Error {
     /// From evaluation.
     #[error(transparent)]
     Eval(#[from] selfsup_eval::Error),
+    /// From the models crate (weights, atomic writes).
+    #[error(transparent)]
+    Model(#[from] selfsup_models::Error),
     /// From the data pipeline.
     #[error(transparent)]
     Data(#[from] selfsup_data::Error),

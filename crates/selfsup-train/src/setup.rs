@@ -263,28 +263,6 @@ pub fn inference_encoder(
     }
 }
 
-fn eval_loader(
-    ds: Arc<dyn Dataset>,
-    cfg: &TrainConfig,
-    normalize: &Normalize,
-    size: usize,
-) -> Result<Loader> {
-    let lc = LoaderConfig {
-        batch_size: 512,
-        shuffle: false,
-        drop_last: false,
-        seed: cfg.seed,
-        threads: cfg.threads,
-        prefetch: 2,
-        shard: (0, 1),
-    };
-    Ok(Loader::new(
-        ds,
-        preset_views(Preset::None, size, normalize.clone()),
-        lc,
-    )?)
-}
-
 /// A rough estimate of a training process's peak memory for `cfg` (bytes, one rank of
 /// `world`): activations from measured peaks (SimCLR, 32x32 images, batch 256, two views:
 /// small-cnn 626 MiB, resnet18 3,158 MiB, docs/benchmarks.md) scaled by views per rank, image
@@ -412,8 +390,18 @@ pub fn build_trainer_with_dist(
                 Arc::new(ds.subset(&r.collect::<Vec<_>>()))
             };
             Some(KnnMonitor {
-                bank: eval_loader(share(&train), cfg, &data.normalize, cfg.image_size)?,
-                test: eval_loader(share(&test), cfg, &data.normalize, cfg.image_size)?,
+                bank: Loader::for_eval(
+                    share(&train),
+                    cfg.image_size,
+                    data.normalize.clone(),
+                    cfg.threads,
+                )?,
+                test: Loader::for_eval(
+                    share(&test),
+                    cfg.image_size,
+                    data.normalize.clone(),
+                    cfg.threads,
+                )?,
                 classes,
             })
         }

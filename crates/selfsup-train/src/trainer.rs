@@ -67,6 +67,8 @@ pub struct Trainer {
     lock: Option<crate::RunLock>,
     /// Set (by a signal handler) to stop between two steps.
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Where rank 0 reports progress (the CLI's progress bar); the library draws nothing.
+    progress: Option<Box<dyn Progress>>,
 }
 
 /// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
@@ -112,13 +114,7 @@ pub const COLLAPSE_FRACTION: f64 = 0.1;
 /// Mean over dimensions of the per-dimension standard deviation of L2-normalised embeddings:
 /// about `1/sqrt(D)` when embeddings spread over the sphere, 0 when they collapse to a point.
 pub fn embedding_std(z: &Tensor) -> Result<f64> {
-    let z = z.to_dtype(DType::F32)?;
-    let n = z
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    let z = z.broadcast_div(&n)?;
+    let z = selfsup_eval::l2_normalize(&z.to_dtype(DType::F32)?)?;
     let c = z.broadcast_sub(&z.mean_keepdim(0)?)?;
     scalar(&c.sqr()?.mean(0)?.sqrt()?.mean_all()?)
 }
@@ -181,6 +177,7 @@ impl Trainer {
             comm_s: 0.0,
             lock: None,
             stop: None,
+            progress: None,
         })
     }
 
@@ -189,6 +186,11 @@ impl Trainer {
     /// [`Error::Interrupted`]. Data-parallel: every rank stops at the same step.
     pub fn set_stop_flag(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
         self.stop = Some(flag);
+    }
+
+    /// Report progress to `p` (rank 0 only; `fit` then logs no per-step lines).
+    pub fn set_progress(&mut self, p: Box<dyn Progress>) {
+        self.progress = Some(p);
     }
 
     /// Use a lock of the run folder taken earlier (the CLI takes it before its own checks).
@@ -452,7 +454,7 @@ impl Trainer {
                 source,
             })?;
             let cfg_path = self.run_dir.join("config.toml");
-            write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
+            crate::write_atomic(&cfg_path, self.cfg.to_toml().as_bytes())?;
             // A fresh run (nothing resumed) starts a new file: lines left by a run that
             // stopped before its first checkpoint are not this run's.
             let fresh = self.step == 0;
@@ -481,24 +483,19 @@ impl Trainer {
         let mut summary = Summary::default();
         let started = Instant::now();
         let (mut images, mut waited) = (0usize, 0f64);
-        let pb = if writer {
-            indicatif::ProgressBar::new(total)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        pb.set_position(self.step);
-        let interactive = !pb.is_hidden() || !writer;
+        // Rank 0 reports progress to the observer the caller set (the CLI's bar); without one,
+        // the logged steps go to `tracing`.
+        let mut progress = if writer { self.progress.take() } else { None };
+        if let Some(p) = progress.as_mut() {
+            p.start(total, self.step);
+        }
+        let interactive = progress.is_some() || !writer;
         let mut warned_collapse = false;
         while self.epoch < end {
             let epoch = self.epoch;
-            pb.set_prefix(format!("epoch {}/{}", epoch + 1, self.cfg.epochs));
+            if let Some(p) = progress.as_mut() {
+                p.epoch(epoch, self.cfg.epochs);
+            }
             let t_epoch = Instant::now();
             let (mut loss_sum, mut n_batches, mut ep_images, mut ep_wait) =
                 (0f64, 0usize, 0usize, 0f64);
@@ -605,8 +602,9 @@ impl Trainer {
                         );
                     }
                 }
-                pb.set_position(self.step);
-                pb.set_message(format!("loss {loss:.4}"));
+                if let Some(p) = progress.as_mut() {
+                    p.step(self.step, loss);
+                }
             }
             drop(batches);
             let wall = t_epoch.elapsed().as_secs_f64();
@@ -654,7 +652,10 @@ impl Trainer {
             images += ep_images;
             waited += ep_wait;
         }
-        pb.finish_and_clear();
+        if let Some(mut p) = progress {
+            p.finish();
+            self.progress = Some(p);
+        }
         summary.epochs = self.epoch;
         summary.steps = self.step;
         summary.wall_s = started.elapsed().as_secs_f64();
@@ -662,6 +663,19 @@ impl Trainer {
         summary.data_wait = waited / summary.wall_s.max(1e-9);
         Ok(summary)
     }
+}
+
+/// An observer of a run's progress: the library draws nothing on the terminal; the CLI's
+/// progress bar implements this. Every method has a default that does nothing.
+pub trait Progress: Send {
+    /// `fit` starts: `total` steps in the whole schedule, `done` of them already taken.
+    fn start(&mut self, _total: u64, _done: u64) {}
+    /// Epoch `epoch` (0-based) of `epochs` begins.
+    fn epoch(&mut self, _epoch: usize, _epochs: usize) {}
+    /// Step `step` (1-based count of steps taken) finished with `loss`.
+    fn step(&mut self, _step: u64, _loss: f64) {}
+    /// `fit` returns.
+    fn finish(&mut self) {}
 }
 
 /// The rows `[start, end)` of `n` that rank `rank` of `world` holds when a dataset is split
@@ -765,34 +779,6 @@ pub fn all_reduce_gradients(
     Ok(())
 }
 
-/// Write a file atomically and durably (temporary file in the same folder, fsync, rename, fsync
-/// of the folder); a failed write removes the temporary file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        // On disk before the rename makes it visible: a power loss leaves the old file or the
-        // new one, never an empty one.
-        f.sync_all()
-    });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-    }
-    Ok(())
-}
-
 /// Drop metric lines from after the checkpoint a run resumes from.
 fn truncate_metrics(path: &Path, step: u64, epoch: usize) -> Result<()> {
     let Ok(s) = std::fs::read_to_string(path) else {
@@ -813,5 +799,5 @@ fn truncate_metrics(path: &Path, step: u64, epoch: usize) -> Result<()> {
     if !out.is_empty() {
         out.push('\n');
     }
-    write_atomic(path, out.as_bytes())
+    Ok(crate::write_atomic(path, out.as_bytes())?)
 }
