@@ -78,3 +78,13 @@ pub(crate) fn eval_loader(
 ) -> Result<Loader> {
     Ok(Loader::for_eval(Arc::new(ds), size, norm, threads)?)
 }
+
+/// The dataset's identity for run records ([`selfsup_data::fingerprint`]); a dataset that
+/// cannot be read says so instead.
+pub(crate) fn dataset_id(dataset: &str, data_dir: &str) -> String {
+    let id = match dataset.strip_prefix("folder:") {
+        Some(p) => selfsup_data::fingerprint::folder(Path::new(p)),
+        None => selfsup_data::fingerprint::cifar10(Path::new(data_dir)),
+    };
+    id.unwrap_or_else(|e| format!("{dataset}: unknown ({e})"))
+}

@@ -29,6 +29,11 @@ pub(crate) struct CheckpointArgs {
     /// Where CIFAR-10 is.
     #[arg(long, default_value = "data")]
     pub(crate) data_dir: String,
+    /// Append the evaluation's record (build, command, weights digest, dataset, machine, wall
+    /// time, results) to this JSONL file; default: RUN/record.jsonl when --checkpoint is in a
+    /// run folder.
+    #[arg(long)]
+    pub(crate) record: Option<PathBuf>,
     /// Threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub(crate) threads: usize,

@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use selfsup_eval::{knn, linear_probe, KnnConfig, LinearProbeConfig};
 use selfsup_train::checkpoint;
+use selfsup_train::record::Record;
 
 use crate::{data::*, encoder::*};
 
@@ -62,11 +63,62 @@ pub(crate) enum EvalCmd {
     },
 }
 
-pub(crate) fn low_label(ck: &CheckpointArgs, ll: crate::lowlabel::LowLabel) -> Result<()> {
+pub(crate) fn low_label(
+    ck: &CheckpointArgs,
+    ll: crate::lowlabel::LowLabel,
+) -> Result<Vec<crate::lowlabel::Row>> {
     let (tr, te) = cifar_features(ck)?;
     let (train, test) = load_cifar(&ck.data_dir, "", "")?;
     let probe = ck.checkpoint.is_some().then_some((&tr, &te));
     crate::lowlabel::run(&ll, &train, &test, probe)
+}
+
+/// Where an evaluation's record goes: `--record`, else the run folder holding the checkpoint.
+fn record_path(ck: &CheckpointArgs) -> Option<PathBuf> {
+    if let Some(p) = &ck.record {
+        return Some(p.clone());
+    }
+    let files = checkpoint::encoder_files(ck.checkpoint.as_ref()?).ok()?;
+    let run = files.dir.parent()?;
+    (run.join("config.toml").is_file() && run.join(checkpoint::DIR).exists())
+        .then(|| run.join(selfsup_train::record::FILE))
+}
+
+/// A record of this evaluation, started now: what was evaluated (checkpoint and weights
+/// digest, or baseline) and with which settings.
+fn start_record(kind: &str, ck: &CheckpointArgs, settings: serde_json::Value) -> Record {
+    let mut config = serde_json::json!({
+        "baseline": ck.baseline, "encoder": ck.encoder, "input": ck.input, "device": ck.device,
+        "settings": settings,
+    });
+    if let Some(p) = &ck.checkpoint {
+        config["checkpoint"] = serde_json::json!(std::path::absolute(p).unwrap_or(p.clone()));
+        if let Ok(files) = checkpoint::encoder_files(p) {
+            config["weights"] = serde_json::json!(files.weights);
+            config["weights_sha256"] =
+                serde_json::json!(selfsup_data::fingerprint::file_sha256(&files.weights).ok());
+            if ck.encoder.is_none() {
+                config["encoder"] = serde_json::json!(files.config.map(|c| c.encoder));
+            }
+        }
+    }
+    Record::start(
+        kind,
+        crate::build_info(),
+        config,
+        dataset_id("cifar10", &ck.data_dir),
+        1,
+    )
+}
+
+/// Finish and append `record` where [`record_path`] says (and say where).
+fn save_record(mut record: Record, ck: &CheckpointArgs, results: serde_json::Value) -> Result<()> {
+    record.finish("done", results);
+    if let Some(path) = record_path(ck) {
+        record.append(&path)?;
+        tracing::info!("recorded in {}", path.display());
+    }
+    Ok(())
 }
 
 pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
@@ -80,6 +132,18 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
             seed,
             out,
         } => {
+            // Settings that would fail later fail now, before any feature or training.
+            if let Some(f) = fractions.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
+                bail!("--fractions: {f} is not in (0, 1]");
+            }
+            if *epochs == 0 || *batch_size < 2 || !(lr.is_finite() && *lr > 0.0) {
+                bail!("low-label needs --epochs > 0, --batch-size >= 2 and --lr > 0, got {epochs}, {batch_size}, {lr}");
+            }
+            let record = start_record(
+                "eval low-label",
+                ck,
+                serde_json::json!({"fractions": fractions, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "out": out}),
+            );
             let (encoder, weights) = match &ck.checkpoint {
                 Some(p) => {
                     let files = checkpoint::encoder_files(p)?;
@@ -103,9 +167,25 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
                 device: ck.device.clone(),
                 out: out.clone(),
             };
-            low_label(ck, ll)?;
+            let rows = low_label(ck, ll)?;
+            let results = serde_json::json!(rows);
+            // The table's folder keeps the record too.
+            let mut beside = record.clone();
+            beside.finish("done", results.clone());
+            beside.append(&out.join(selfsup_train::record::FILE))?;
+            save_record(record, ck, results)?;
         }
         EvalCmd::Knn { ck, k, temperature } => {
+            let cfg = KnnConfig {
+                k: *k,
+                temperature: *temperature,
+            };
+            cfg.validate()?;
+            let record = start_record(
+                "eval knn",
+                ck,
+                serde_json::json!({"k": k, "temperature": temperature}),
+            );
             let (tr, te) = cifar_features(ck)?;
             let (t1, t5) = knn(
                 &tr.x,
@@ -113,16 +193,14 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
                 &te.x,
                 te.labels.as_ref().unwrap(),
                 10,
-                KnnConfig {
-                    k: *k,
-                    temperature: *temperature,
-                },
+                cfg,
             )?;
             println!(
                 "kNN (k={k}, T={temperature}) on CIFAR-10 test: top-1 {:.2}%, top-5 {:.2}%",
                 100.0 * t1,
                 100.0 * t5
             );
+            save_record(record, ck, serde_json::json!({"top1": t1, "top5": t5}))?;
         }
         EvalCmd::Linear {
             ck,
@@ -130,7 +208,19 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
             lr,
             knn: with_knn,
         } => {
+            let probe = LinearProbeConfig {
+                epochs: *epochs,
+                lr: *lr,
+                ..Default::default()
+            };
+            probe.validate()?;
+            let record = start_record(
+                "eval linear",
+                ck,
+                serde_json::json!({"probe": format!("{probe:?}"), "knn": with_knn}),
+            );
             let (tr, te) = cifar_features(ck)?;
+            let mut results = serde_json::Map::new();
             if *with_knn {
                 let (t1, t5) = knn(
                     &tr.x,
@@ -145,6 +235,7 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
                     100.0 * t1,
                     100.0 * t5
                 );
+                results.insert("knn".into(), serde_json::json!({"top1": t1, "top5": t5}));
             }
             let r = linear_probe(
                 &tr.x,
@@ -152,13 +243,14 @@ pub(crate) fn eval(e: &EvalCmd) -> Result<()> {
                 &te.x,
                 te.labels.as_ref().unwrap(),
                 10,
-                &LinearProbeConfig {
-                    epochs: *epochs,
-                    lr: *lr,
-                    ..Default::default()
-                },
+                &probe,
             )?;
             println!("linear probe ({epochs} epochs) on CIFAR-10 test: top-1 {:.2}%, top-5 {:.2}% (train top-1 {:.2}%)", 100.0 * r.top1, 100.0 * r.top5, 100.0 * r.train_top1);
+            results.insert(
+                "linear".into(),
+                serde_json::json!({"top1": r.top1, "top5": r.top5, "train_top1": r.train_top1}),
+            );
+            save_record(record, ck, results.into())?;
         }
     }
     Ok(())

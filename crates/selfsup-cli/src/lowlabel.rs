@@ -43,6 +43,21 @@ pub struct LowLabel {
     pub out: PathBuf,
 }
 
+/// One row of the table (accuracies as fractions; `None`: not applicable).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    /// Fraction of the training labels.
+    pub fraction: f64,
+    /// Labelled images used.
+    pub images: usize,
+    /// Linear probe on the pretrained encoder.
+    pub probe_top1: Option<f64>,
+    /// Fine-tuned pretrained encoder.
+    pub finetune_top1: Option<f64>,
+    /// Trained from scratch.
+    pub scratch_top1: f64,
+}
+
 fn top1(method: &dyn Method, test: &selfsup_eval::Features) -> Result<f64> {
     let data = method.varmap().data().lock().unwrap();
     let w = data[&format!("{CLASSIFIER_PREFIX}layers.0.weight")]
@@ -51,15 +66,10 @@ fn top1(method: &dyn Method, test: &selfsup_eval::Features) -> Result<f64> {
     let b = data[&format!("{CLASSIFIER_PREFIX}layers.0.bias")]
         .as_tensor()
         .to_device(&Device::Cpu)?;
-    let logits = test.x.matmul(&w.t()?)?.broadcast_add(&b)?;
-    let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+    let logits: Vec<Vec<f32>> = test.x.matmul(&w.t()?)?.broadcast_add(&b)?.to_vec2()?;
     let labels = test.labels.as_ref().context("test labels")?;
-    Ok(pred
-        .iter()
-        .zip(labels)
-        .filter(|(p, l)| **p as usize == **l)
-        .count() as f64
-        / labels.len() as f64)
+    // Scored like every other accuracy (a tie is not a hit).
+    Ok(selfsup_eval::topk_accuracy(&logits, labels).0)
 }
 
 fn supervised(
@@ -124,7 +134,7 @@ pub fn run(
     train: &InMemory,
     test: &InMemory,
     probe_features: Option<(&selfsup_eval::Features, &selfsup_eval::Features)>,
-) -> Result<()> {
+) -> Result<Vec<Row>> {
     let labels = train.label_vec().context("CIFAR-10 train labels")?;
     let mut table = String::from(
         "| labels | linear probe (pretrained) | fine-tune (pretrained) | from scratch |\n| --- | --- | --- | --- |\n",
@@ -134,6 +144,7 @@ pub fn run(
     // so an interrupted run keeps its finished rows.
     let results = ll.out.join("results.md");
     std::fs::create_dir_all(&ll.out).with_context(|| format!("{}", ll.out.display()))?;
+    let mut rows = Vec::new();
     for &f in &ll.fractions {
         let idx = balanced_subset(&labels, f, ll.seed);
         let sub = train.subset(&idx);
@@ -157,20 +168,32 @@ pub fn run(
                         ..Default::default()
                     },
                 )?;
-                format!("{:.2}%", 100.0 * r.top1)
+                Some(r.top1)
             }
-            None => "-".into(),
+            None => None,
         };
         let pct = format!("{}", f * 100.0);
         let ft = if ll.weights.is_some() {
-            format!(
-                "{:.2}%",
-                100.0 * supervised(ll, &sub, test, true, &format!("finetune-{pct}pct"))?
-            )
+            Some(supervised(
+                ll,
+                &sub,
+                test,
+                true,
+                &format!("finetune-{pct}pct"),
+            )?)
         } else {
-            "-".into()
+            None
         };
         let scratch = supervised(ll, &sub, test, false, &format!("scratch-{pct}pct"))?;
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+        rows.push(Row {
+            fraction: f,
+            images: idx.len(),
+            probe_top1: probe,
+            finetune_top1: ft,
+            scratch_top1: scratch,
+        });
+        let (probe, ft) = (cell(probe), cell(ft));
         let row = format!(
             "| {pct}% ({} images) | {probe} | {ft} | {:.2}% |\n",
             idx.len(),
@@ -180,5 +203,5 @@ pub fn run(
         table.push_str(&row);
         selfsup_train::write_atomic(&results, table.as_bytes())?;
     }
-    Ok(())
+    Ok(rows)
 }

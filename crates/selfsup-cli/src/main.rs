@@ -63,6 +63,15 @@ enum Cmd {
 
 /// Options of `selfsup train`. Each one also lives in the TOML config (same name, `_` for `-`);
 /// flags override the config file, which overrides the preset.
+/// This binary's version and source commit, for run records (see build.rs).
+pub(crate) fn build_info() -> selfsup_train::record::Build {
+    selfsup_train::record::Build {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env!("SELFSUP_GIT_COMMIT"),
+        dirty: env!("SELFSUP_GIT_DIRTY") == "true",
+    }
+}
+
 pub(crate) fn set_threads(n: usize) {
     if n > 0 {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

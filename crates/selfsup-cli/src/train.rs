@@ -49,8 +49,9 @@ pub(crate) fn absolute_paths(cfg: &mut TrainConfig) -> Result<()> {
 }
 
 /// What a run folder may hold: a folder with anything else is not one.
-pub(crate) const RUN_FILES: [&str; 7] = [
+pub(crate) const RUN_FILES: [&str; 8] = [
     "config.toml",
+    "record.jsonl",
     "metrics.jsonl",
     "metrics.png",
     "checkpoint",
@@ -211,7 +212,43 @@ pub(crate) fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
             out.display()
         );
     }
-    let s = t.fit(a.stop_after)?;
+    // Rank 0 records what produces this run (RUN/record.jsonl): a `running` line now, the
+    // outcome when `fit` returns.
+    let mut record = (rank == 0).then(|| {
+        selfsup_train::record::Record::start(
+            "train",
+            crate::build_info(),
+            selfsup_train::record::config_json(&cfg),
+            dataset_id(&cfg.dataset, &cfg.data_dir),
+            world,
+        )
+    });
+    let record_path = out.join(selfsup_train::record::FILE);
+    if let Some(r) = &record {
+        r.append(&record_path)?;
+    }
+    let fitted = t.fit(a.stop_after);
+    if let Some(r) = record.as_mut() {
+        let (status, results) = match &fitted {
+            Ok(s) => (
+                "done".to_string(),
+                serde_json::json!({
+                    "epochs": s.epochs, "steps": s.steps, "last_loss": s.last_loss,
+                    "images_per_s": s.images_per_s, "data_wait": s.data_wait,
+                    "knn_top1": s.knn.iter().map(|k| serde_json::json!({"epoch": k.0, "top1": k.1})).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(selfsup_train::Error::Interrupted { .. }) => {
+                ("interrupted".to_string(), serde_json::Value::Null)
+            }
+            Err(e) => (format!("failed: {e}"), serde_json::Value::Null),
+        };
+        r.finish(&status, results);
+        if let Err(e) = r.append(&record_path) {
+            tracing::warn!("could not write the run record: {e}");
+        }
+    }
+    let s = fitted?;
     if rank != 0 {
         return Ok(());
     }

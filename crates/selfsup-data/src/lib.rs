@@ -22,6 +22,7 @@ mod dataset;
 #[cfg(feature = "download")]
 pub mod download;
 mod error;
+pub mod fingerprint;
 pub mod folder;
 mod image;
 mod loader;

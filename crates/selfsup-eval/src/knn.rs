@@ -24,6 +24,20 @@ pub struct KnnConfig {
     pub temperature: f64,
 }
 
+impl KnnConfig {
+    /// `k > 0` and a finite `temperature > 0`; callers check this before spending time on
+    /// features.
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 || !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::Input(format!(
+                "kNN needs k > 0 and a temperature > 0, got k = {} and temperature = {}",
+                self.k, self.temperature
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for KnnConfig {
     fn default() -> Self {
         Self {
@@ -51,11 +65,7 @@ pub fn knn_predict(
             query.dims()
         )));
     }
-    if cfg.k == 0 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
-        return Err(Error::Input(format!(
-            "kNN needs k > 0 and temperature > 0, got {cfg:?}"
-        )));
-    }
+    cfg.validate()?;
     crate::check_finite("kNN", "memory bank", train)?;
     crate::check_finite("kNN", "query", query)?;
     let k = cfg.k.min(n);

@@ -39,6 +39,23 @@ impl Default for LinearProbeConfig {
     }
 }
 
+impl LinearProbeConfig {
+    /// Positive epochs, batch size and finite learning rate, finite weight decay >= 0; callers
+    /// check this before spending time on features.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0
+            || self.batch_size == 0
+            || !(self.lr.is_finite() && self.lr > 0.0)
+            || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0)
+        {
+            return Err(Error::Input(format!(
+                "the linear probe needs epochs > 0, batch size > 0, lr > 0 and weight decay >= 0, got {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Probe accuracy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ProbeResult {
@@ -59,6 +76,7 @@ pub fn linear_probe(
     classes: usize,
     cfg: &LinearProbeConfig,
 ) -> Result<ProbeResult> {
+    cfg.validate()?;
     let dev = Device::Cpu;
     let train = train.to_device(&dev)?.to_dtype(DType::F32)?;
     let test = test.to_device(&dev)?.to_dtype(DType::F32)?;
@@ -101,7 +119,7 @@ pub fn linear_probe(
     )?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<u32> = (0..n as u32).collect();
-    let bs = cfg.batch_size.max(1);
+    let bs = cfg.batch_size;
     for _ in 0..cfg.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(bs) {

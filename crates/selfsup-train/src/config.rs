@@ -257,6 +257,18 @@ impl TrainConfig {
         if self.out.is_empty() {
             return bad("out (the run folder) must be set".into());
         }
+        if self.image_size == 0 {
+            return bad("image_size must be positive".into());
+        }
+        // The kNN monitor's settings fail here, not after the first epoch.
+        if self.knn_every > 0 {
+            selfsup_eval::KnnConfig {
+                k: self.knn_k,
+                temperature: self.knn_temperature,
+            }
+            .validate()
+            .map_err(|e| Error::Config(format!("knn_k / knn_temperature: {e}")))?;
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod checkpoint;
 mod config;
 mod lock;
 pub mod optim;
+pub mod record;
 pub mod setup;
 mod trainer;
 

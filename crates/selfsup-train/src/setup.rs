@@ -407,5 +407,31 @@ pub fn build_trainer_with_dist(
         }
         _ => None,
     };
+    encoder_takes(method.as_ref(), cfg, &device)?;
     Trainer::new_dist(cfg.clone(), method, loader, monitor, device, comm)
+}
+
+/// An image size the encoder cannot take (too small for its downsampling) is refused before the
+/// run starts: one forward pass of two blank images in eval mode (no state changes).
+fn encoder_takes(
+    method: &dyn Method,
+    cfg: &TrainConfig,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let dtype = method
+        .varmap()
+        .all_vars()
+        .first()
+        .map_or(DType::F32, |v| v.dtype());
+    let s = cfg.image_size;
+    let x = candle_core::Tensor::zeros((2, 3, s, s), dtype, device)?;
+    method.encoder().forward_t(&x, false).map_err(|e| {
+        let msg = e.to_string();
+        Error::Config(format!(
+            "image_size {s} does not fit encoder {}: {}",
+            cfg.encoder,
+            msg.lines().next().unwrap_or_default()
+        ))
+    })?;
+    Ok(())
 }
