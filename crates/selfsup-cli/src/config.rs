@@ -244,6 +244,16 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(o) = &a.optimizer {
         cfg.optimizer = o.parse()?;
     }
+    // A learning rate that scales with the batch follows a batch size given after the method's
+    // defaults, unless a learning rate was given too.
+    let file_sets = |key: &str| {
+        file.as_ref().is_some_and(|(_, s)| {
+            toml::from_str::<toml::Table>(s).is_ok_and(|t| t.contains_key(key))
+        })
+    };
+    if !a.resume && a.lr.is_none() && !file_sets("lr") {
+        cfg.rescale_default_lr();
+    }
     if a.sync_bn {
         cfg.sync_bn = true;
     }

@@ -174,6 +174,20 @@ fn methods_bring_their_defaults_and_flags_override_them() {
         c.contains("optimizer = \"sgd\"") && c.contains("lr = 0.05"),
         "{c}"
     );
+    // Their learning rate is 0.2 per 256 images: a batch size given on the command line or in
+    // a config file scales it, unless a learning rate is given too.
+    let c = cfg(&["--method", "vicreg", "--batch-size", "512"]);
+    assert!(c.contains("lr = 0.4"), "{c}");
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("c.toml");
+    std::fs::write(&file, "method = \"barlow\"\nbatch_size = 128\n").unwrap();
+    let c = cfg(&["--config", file.to_str().unwrap()]);
+    assert!(c.contains("lr = 0.1\n"), "{c}");
+    std::fs::write(&file, "method = \"barlow\"\nbatch_size = 128\nlr = 0.3\n").unwrap();
+    let c = cfg(&["--config", file.to_str().unwrap()]);
+    assert!(c.contains("lr = 0.3\n"), "{c}");
+    let c = cfg(&["--method", "vicreg", "--batch-size", "512", "--lr", "0.1"]);
+    assert!(c.contains("lr = 0.1\n"), "{c}");
 }
 
 #[test]

@@ -22,6 +22,8 @@ pub struct StripesStyle {
     pub amplitude: (f32, f32),
     /// Uniform pixel noise in `[-noise, noise]`.
     pub noise: f32,
+    /// Range of the stripes' angular frequency (radians per pixel).
+    pub frequency: (f32, f32),
 }
 
 impl Default for StripesStyle {
@@ -31,6 +33,7 @@ impl Default for StripesStyle {
             background: (110.0, 146.0),
             amplitude: (25.0, 45.0),
             noise: NOISE,
+            frequency: (0.5, 0.9),
         }
     }
 }
@@ -59,7 +62,7 @@ pub fn stripes_styled(
         labels.push(c as u8);
         let angle = std::f32::consts::PI * c as f32 / classes as f32;
         let (s, co) = angle.sin_cos();
-        let freq = rng.random_range(0.5f32..0.9);
+        let freq = rng.random_range(style.frequency.0..style.frequency.1);
         let phase = rng.random_range(0.0f32..std::f32::consts::TAU);
         let bg: [f32; 3] =
             std::array::from_fn(|_| rng.random_range(style.background.0..style.background.1));

@@ -184,12 +184,11 @@ impl Method for Moco {
         let g = |t: Tensor| crate::gather(&self.comm, &t);
         let gd = |t: Tensor| crate::gather_detached(&self.comm, &t);
         let (loss, q0, enq) = if self.cfg.symmetric {
-            let n = v0.dim(0)?;
-            let x = Tensor::cat(&[v0, v1], 0)?;
-            let q = query(&x)?;
-            let k = self.keys(&x)?;
-            let (q0, q1) = (g(q.narrow(0, 0, n)?)?, g(q.narrow(0, n, n)?)?);
-            let (k0, k1) = (gd(k.narrow(0, 0, n)?)?, gd(k.narrow(0, n, n)?)?);
+            // Each view is its own BatchNorm batch in each encoder: a batch holding both views
+            // of an image lets BatchNorm statistics carry which query matches which key (the
+            // leak MoCo's shuffle-BN exists to prevent).
+            let (q0, q1) = (g(query(v0)?)?, g(query(v1)?)?);
+            let (k0, k1) = (gd(self.keys(v0)?)?, gd(self.keys(v1)?)?);
             let l = ((self.loss.loss_with_negatives(&q0, &k1, Some(&queue))?
                 + self.loss.loss_with_negatives(&q1, &k0, Some(&queue))?)?
                 * 0.5)?;

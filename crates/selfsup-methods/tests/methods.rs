@@ -353,3 +353,37 @@ fn moco_loss_goes_down_once_the_queue_holds_real_keys() {
     let end = losses[25..].iter().sum::<f32>() / 5.0;
     assert!(end < peak - 0.3, "peak {peak}, end {end}");
 }
+
+#[test]
+fn symmetric_moco_never_puts_both_views_of_an_image_in_one_batch_norm_batch() {
+    // The query of view 0 must not depend on view 1: with both views in one BatchNorm batch it
+    // would (the batch statistics carry the other view, the leak shuffle-BN prevents).
+    for symmetric in [true, false] {
+        let moco = Moco::new(
+            &EncoderKind::SmallCnn,
+            &MocoConfig {
+                hidden_dim: 32,
+                out_dim: 8,
+                queue_size: 16,
+                symmetric,
+                ..Default::default()
+            },
+            3,
+            &at(),
+        )
+        .unwrap();
+        let a = views(4, 1);
+        let b = views(4, 2);
+        let q = |v1: &Tensor| {
+            let out = moco
+                .forward_loss(&[a[0].clone(), v1.clone()], None)
+                .unwrap();
+            out.embeddings
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(q(&a[1]), q(&b[1]), "symmetric {symmetric}");
+    }
+}

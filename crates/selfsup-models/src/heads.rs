@@ -8,7 +8,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm, linear, BatchNorm, Linear};
+use crate::layers::{batch_norm_opts, linear, BatchNorm, Linear};
 use crate::Result;
 
 /// One block of a head.
@@ -22,6 +22,8 @@ pub struct HeadBlock {
     pub batch_norm: bool,
     /// ReLU at the end.
     pub relu: bool,
+    /// The BatchNorm has a learned scale and shift (PyTorch's `affine`).
+    pub affine: bool,
 }
 
 impl HeadBlock {
@@ -32,6 +34,15 @@ impl HeadBlock {
             d_out,
             batch_norm,
             relu,
+            affine: true,
+        }
+    }
+
+    /// The same block with a BatchNorm without scale and shift (`affine=False`).
+    pub const fn without_affine(self) -> Self {
+        Self {
+            affine: false,
+            ..self
         }
     }
 }
@@ -53,7 +64,7 @@ impl Head {
             let lin = linear(b.d_in, b.d_out, !b.batch_norm, vb.pp(i.to_string()))?;
             i += 1;
             let bn = if b.batch_norm {
-                let bn = batch_norm(b.d_out, vb.pp(i.to_string()))?;
+                let bn = batch_norm_opts(b.d_out, b.affine, vb.pp(i.to_string()))?;
                 i += 1;
                 Some(bn)
             } else {
@@ -118,7 +129,8 @@ pub fn simsiam_projection(d_in: usize, hidden: usize, out: usize) -> Vec<HeadBlo
     vec![
         HeadBlock::new(d_in, hidden, true, true),
         HeadBlock::new(hidden, hidden, true, true),
-        HeadBlock::new(hidden, out, true, false),
+        // The output BatchNorm has no scale and shift (SimSiam's code, lightly's head).
+        HeadBlock::new(hidden, out, true, false).without_affine(),
     ]
 }
 

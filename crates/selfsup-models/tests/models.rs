@@ -312,19 +312,45 @@ fn heads_follow_lightlys_layout() {
     let x = Tensor::randn(0f32, 3., (16, 256), &Device::Cpu).unwrap();
     let y = h.forward_t(&x, true).unwrap();
     assert_eq!(y.dims(), &[16, 128]);
-    // SimSiam projector: three linear layers, each with BN, no bias before BN.
+    // SimSiam projector: three linear layers, each with BN, no bias before BN, and no scale or
+    // shift in the last BN: exactly the keys of lightly 1.6's
+    // `sorted(SimSiamProjectionHead(64, 32, 16).state_dict())` (less num_batches_tracked).
     let vm = VarMap::new();
-    Head::new(
+    let h = Head::new(
         &simsiam_projection(64, 32, 16),
         seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
     )
     .unwrap();
     let keys: Vec<String> = io::named_tensors(&vm).into_iter().map(|(k, _)| k).collect();
-    assert!(
-        keys.contains(&"layers.6.weight".to_string())
-            && keys.contains(&"layers.7.running_var".to_string())
+    assert_eq!(
+        keys,
+        [
+            "layers.0.weight",
+            "layers.1.bias",
+            "layers.1.running_mean",
+            "layers.1.running_var",
+            "layers.1.weight",
+            "layers.3.weight",
+            "layers.4.bias",
+            "layers.4.running_mean",
+            "layers.4.running_var",
+            "layers.4.weight",
+            "layers.6.weight",
+            "layers.7.running_mean",
+            "layers.7.running_var"
+        ]
     );
-    assert!(!keys.iter().any(|k| k.starts_with("layers.0.bias")));
+    // In training, each output column is standardised (mean 0, variance 1: no affine part).
+    let y = h
+        .forward_t(
+            &Tensor::randn(0f32, 3., (32, 64), &Device::Cpu).unwrap(),
+            true,
+        )
+        .unwrap();
+    let mean: Vec<f32> = y.mean(0).unwrap().to_vec1().unwrap();
+    let var: Vec<f32> = y.sqr().unwrap().mean(0).unwrap().to_vec1().unwrap();
+    assert!(mean.iter().all(|m| m.abs() < 1e-4), "{mean:?}");
+    assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-2), "{var:?}");
     // Linear classifier has a bias.
     let vm = VarMap::new();
     Head::new(

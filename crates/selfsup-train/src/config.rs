@@ -48,6 +48,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// LARS trust coefficient.
     pub lars_eta: f64,
+    /// Learning-rate multiplier for biases and norm parameters (those without weight decay).
+    pub bias_lr_scale: f64,
     /// Clip the global gradient norm to this (0: no clipping).
     pub clip_grad: f64,
     /// Projection head hidden width.
@@ -123,6 +125,7 @@ impl Default for TrainConfig {
             nesterov: false,
             weight_decay: 5e-4,
             lars_eta: 0.02,
+            bias_lr_scale: 1.0,
             clip_grad: 0.0,
             proj_hidden: 512,
             proj_out: 128,
@@ -198,7 +201,7 @@ impl TrainConfig {
                 // 1.5e-6 for Barlow Twins, 1e-6 for VICReg); with SGD at SimCLR's rate VICReg
                 // diverges and Barlow Twins stalls (docs/methods.md).
                 self.optimizer = OptimizerKind::Lars;
-                self.lr = 0.2 * self.batch_size as f64 / 256.0;
+                self.lr = Self::lars_base_lr() * self.batch_size as f64 / 256.0;
                 self.weight_decay = if base == "barlow" { 1.5e-6 } else { 1e-6 };
             }
             "rotation" | "colorization" | "supervised" => self.augment = "crop_flip".into(),
@@ -206,6 +209,21 @@ impl TrainConfig {
         }
         if aux.is_some() {
             self.aux_weight = d.aux_weight;
+        }
+    }
+
+    /// Barlow Twins' and VICReg's base learning rate per 256 images (both papers, with LARS).
+    pub fn lars_base_lr() -> f64 {
+        0.2
+    }
+
+    /// For a method whose default learning rate scales with the batch (Barlow Twins, VICReg):
+    /// set it again for the current `batch_size`. Called when the batch size was chosen after
+    /// the method's defaults (a flag or a config file) and no learning rate was given.
+    pub fn rescale_default_lr(&mut self) {
+        let base = self.method.split('+').next().unwrap_or_default();
+        if matches!(base, "barlow" | "vicreg") {
+            self.lr = Self::lars_base_lr() * self.batch_size as f64 / 256.0;
         }
     }
 

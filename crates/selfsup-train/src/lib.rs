@@ -24,7 +24,7 @@ pub use lock::RunLock;
 pub use selfsup_models::io::write_atomic;
 pub use trainer::{
     all_reduce_gradients, embedding_std, method_params, parse_device, shard_range, KnnMonitor,
-    Progress, Summary, Trainer,
+    Progress, Summary, Trainer, COLLAPSE_FRACTION,
 };
 
 /// Errors from training.

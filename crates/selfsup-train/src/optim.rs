@@ -62,6 +62,14 @@ pub struct OptimConfig {
     pub eps: f64,
     /// LARS trust coefficient.
     pub eta: f64,
+    /// Learning-rate multiplier of the parameters without weight decay (biases, norm
+    /// parameters): Barlow Twins' code trains them at 0.0048 / 0.2 = 0.024 of the weights' rate.
+    #[serde(default = "one")]
+    pub bias_lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl OptimConfig {
@@ -77,6 +85,7 @@ impl OptimConfig {
                 beta2: 0.999,
                 eps: 1e-8,
                 eta: 0.02,
+                bias_lr_scale: 1.0,
             },
             OptimizerKind::Adamw => Self {
                 kind,
@@ -86,6 +95,7 @@ impl OptimConfig {
                 beta2: 0.999,
                 eps: 1e-8,
                 eta: 0.02,
+                bias_lr_scale: 1.0,
             },
             OptimizerKind::Lars => Self {
                 kind,
@@ -95,6 +105,7 @@ impl OptimConfig {
                 beta2: 0.999,
                 eps: 1e-8,
                 eta: 0.02,
+                bias_lr_scale: 1.0,
             },
         }
     }
@@ -197,6 +208,7 @@ impl Optim {
             };
             let w = &p.var.as_tensor().detach();
             let wd = if p.decay { c.weight_decay } else { 0.0 };
+            let lr = if p.decay { lr } else { lr * c.bias_lr_scale };
             let new_w = match c.kind {
                 OptimizerKind::Sgd | OptimizerKind::Lars => {
                     if wd != 0.0 {
@@ -309,12 +321,15 @@ impl Optim {
 }
 
 /// Learning rate at `step` (0-based) of `total`: linear warmup from `base / warmup` to `base` over
-/// `warmup` steps, then cosine decay to `min_lr` at the last step.
+/// `warmup` steps, then cosine decay from `base` at step `warmup` to exactly `min_lr` at the last
+/// step (`total - 1`).
 pub fn lr_at(step: u64, total: u64, warmup: u64, base: f64, min_lr: f64) -> f64 {
     if step < warmup {
         return base * (step + 1) as f64 / warmup as f64;
     }
-    let span = total.saturating_sub(warmup).max(1);
+    // The last step is total - 1: it gets progress 1 (a span of total - warmup would stop one
+    // step short of min_lr).
+    let span = total.saturating_sub(warmup + 1).max(1);
     let progress = ((step - warmup) as f64 / span as f64).min(1.0);
     min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }

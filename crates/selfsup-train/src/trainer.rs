@@ -159,6 +159,7 @@ impl Trainer {
         ocfg.nesterov = cfg.nesterov;
         ocfg.weight_decay = cfg.weight_decay;
         ocfg.eta = cfg.lars_eta;
+        ocfg.bias_lr_scale = cfg.bias_lr_scale;
         let params = method_params(method.as_ref());
         let optim = Optim::new(ocfg, params)?;
         let run_dir = PathBuf::from(&cfg.out);

@@ -174,11 +174,15 @@ fn warmup_then_cosine() {
     assert!((lr_at(0, total, warm, base, 0.0) - 0.1).abs() < 1e-12);
     assert!((lr_at(9, total, warm, base, 0.0) - 1.0).abs() < 1e-12);
     assert!((lr_at(10, total, warm, base, 0.0) - 1.0).abs() < 1e-12);
-    assert!((lr_at(55, total, warm, base, 0.0) - 0.5).abs() < 1e-12);
-    assert!(
-        lr_at(99, total, warm, base, 0.01) > 0.01 && lr_at(99, total, warm, base, 0.01) < 0.011
-    );
-    assert!((lr_at(5, 10, 0, 2.0, 0.0) - 1.0).abs() < 1e-12);
+    // Cosine from step 10 (progress 0) to step 99 (progress 1): the last step is at min_lr.
+    let mid = 0.5 * (1.0 + (std::f64::consts::PI * 45.0 / 89.0).cos());
+    assert!((lr_at(55, total, warm, base, 0.0) - mid).abs() < 1e-12);
+    assert_eq!(lr_at(99, total, warm, base, 0.01), 0.01);
+    assert!((1..100).all(|s| lr_at(s, total, warm, base, 0.0)
+        <= lr_at(s - 1, total, warm, base, 0.0)
+        || s <= warm));
+    assert_eq!(lr_at(9, 10, 0, 2.0, 0.3), 0.3);
+    assert!((lr_at(0, 10, 0, 2.0, 0.0) - 2.0).abs() < 1e-12);
     assert!(Optim::new(
         OptimConfig {
             momentum: 1.5,
@@ -218,5 +222,50 @@ fn optimiser_state_holds_no_graph() {
         for (k, t) in o.state_tensors() {
             assert!(!t.track_op(), "{kind:?}: state {k} keeps an op graph");
         }
+    }
+}
+
+#[test]
+fn biases_and_norm_parameters_take_the_bias_learning_rate_scale() {
+    // Barlow Twins trains biases and BatchNorm parameters at 0.024 of the weights' rate.
+    for kind in [
+        OptimizerKind::Sgd,
+        OptimizerKind::Lars,
+        OptimizerKind::Adamw,
+    ] {
+        let var = |v: f32| Var::from_tensor(&Tensor::full(v, 3, &Device::Cpu).unwrap()).unwrap();
+        let (w, b) = (var(1.0), var(1.0));
+        let mut o = Optim::new(
+            OptimConfig {
+                momentum: 0.0,
+                weight_decay: 0.0,
+                eta: 1.0,
+                bias_lr_scale: 0.25,
+                ..OptimConfig::defaults(kind)
+            },
+            vec![
+                Param {
+                    name: "w".into(),
+                    var: w.clone(),
+                    decay: true,
+                },
+                Param {
+                    name: "b".into(),
+                    var: b.clone(),
+                    decay: false,
+                },
+            ],
+        )
+        .unwrap();
+        let loss = (w.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
+        o.step(&loss.backward().unwrap(), 0.1, 1.0).unwrap();
+        let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0];
+        // LARS rescales only the decayed weight's step (eta ||w|| / ||g|| = 1 here).
+        assert!(
+            (moved(&b) - 0.25 * moved(&w)).abs() < 1e-6,
+            "{kind:?}: {} vs {}",
+            moved(&b),
+            moved(&w)
+        );
     }
 }

@@ -198,6 +198,7 @@ fn simclr_beats_a_random_encoder_when_colour_is_the_nuisance() {
         background: (40.0, 215.0),
         amplitude: (40.0, 60.0),
         noise: 0.0,
+        ..Default::default()
     };
     let data = RunData {
         train: Arc::new(stripes_styled(320, 16, 2, 1, style)),
