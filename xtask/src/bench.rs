@@ -50,6 +50,9 @@ pub enum Bench {
         /// Internal: this process is one MPI rank of `--ranks`.
         #[arg(long, hide = true)]
         mpi_worker: bool,
+        /// cpu or cuda:N (a build with the `cuda` feature; GPU memory from nvidia-smi).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Inference: the encoder's eval-mode forward (feature extraction for kNN, linear probe and
     /// `embed`): images/s and memory.
@@ -91,11 +94,12 @@ pub fn run(b: Bench) -> Result<()> {
             ranks,
             sync_bn,
             mpi_worker,
+            device,
         } => {
             if mpi_worker {
                 return crate::bench_dist::worker(&model, batch, steps, sync_bn);
             }
-            let ours = train_step(&model, batch, steps)?;
+            let ours = train_step(&model, batch, steps, &device)?;
             if compare_pytorch {
                 compare_torch(ours, &model, batch, steps, false)?;
             }
@@ -401,11 +405,12 @@ fn infer(model: &str, batch: usize, steps: usize) -> Result<f64> {
     Ok(rate)
 }
 
-pub(crate) fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64> {
-    use candle_core::{DType, Device, Tensor};
+pub(crate) fn train_step(model: &str, batch: usize, steps: usize, device: &str) -> Result<f64> {
+    use candle_core::{DType, Tensor};
     use selfsup_methods::{Method, Placement, SimClr, SimClrConfig};
     use selfsup_train::optim::{Optim, OptimConfig, OptimizerKind};
-    let dev = Device::Cpu;
+    let dev = selfsup_train::parse_device(device)?;
+    let on_gpu = !dev.is_cpu();
     let kind: selfsup_models::EncoderKind = model.parse()?;
     let m = SimClr::new(
         &kind,
@@ -422,10 +427,15 @@ pub(crate) fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64>
     let v0 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
     let v1 = Tensor::randn(0f32, 1., (batch, 3, 32, 32), &dev)?;
     println!(
-        "SimCLR train step, {model}, batch {batch} ({} images through the encoder), CPU {} threads",
+        "SimCLR train step, {model}, batch {batch} ({} images through the encoder), {}",
         2 * batch,
-        candle_core::utils::get_num_threads()
+        if on_gpu {
+            format!("{device:?}")
+        } else {
+            format!("CPU {} threads", candle_core::utils::get_num_threads())
+        }
     );
+    let mut gpu_peak = 0u64;
     let mut fwd = Vec::new();
     let mut bwd = Vec::new();
     for i in 0..=steps {
@@ -433,11 +443,19 @@ pub(crate) fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64>
         let t = Instant::now();
         let out = m.forward_loss(&[v0.clone(), v1.clone()], None)?;
         let _ = out.loss.to_scalar::<f32>()?;
+        dev.synchronize()?;
         let tf = t.elapsed().as_secs_f64();
+        if on_gpu {
+            gpu_peak = gpu_peak.max(gpu_used_mib());
+        }
         let t = Instant::now();
         let g = out.loss.backward()?;
         opt.step(&g, 0.1, 1.0)?;
+        dev.synchronize()?;
         let tb = t.elapsed().as_secs_f64();
+        if on_gpu {
+            gpu_peak = gpu_peak.max(gpu_used_mib());
+        }
         drop(g);
         drop(out);
         let (rss, peak) = rss_mib();
@@ -452,5 +470,25 @@ pub(crate) fn train_step(model: &str, batch: usize, steps: usize) -> Result<f64>
     let (_, peak) = rss_mib();
     let rate = 2.0 * batch as f64 / (f + b);
     println!("selfsup median: forward {f:.3} s, backward {b:.3} s, {rate:.1} images/s (views); peak RSS {peak:.0} MiB");
+    if on_gpu {
+        println!(
+            "GPU memory in use at the step's peaks (nvidia-smi, whole device): {gpu_peak} MiB"
+        );
+    }
     Ok(rate)
+}
+
+/// GPU 0's memory in use (MiB), from nvidia-smi; 0 where it cannot be read.
+fn gpu_used_mib() -> u64 {
+    std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            "0",
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
 }

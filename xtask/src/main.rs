@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod bench_dist;
+mod cuda;
 
 #[global_allocator]
 static GLOBAL: selfsup_alloc::Allocator = selfsup_alloc::Allocator;
@@ -39,6 +40,30 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
+    /// Install the pinned CUDA 13.0 toolkit from PyPI into DIR (nvcc, runtime, cuBLAS, cuRAND,
+    /// NVRTC, cuDNN, NCCL; a libcuda stub for linking), for the CUDA build (docs/cuda.md).
+    CudaToolkit {
+        /// Toolkit folder.
+        #[arg(long, default_value = cuda::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Build the CUDA bundle: release `selfsup` (cuda, cudnn), `xtask` (bench), the CUDA test
+    /// binaries, stripped, and run.sh, as OUT.tar.zst (for a GPU machine without Rust).
+    CudaBundle {
+        /// Toolkit folder (installed when missing).
+        #[arg(long, default_value = cuda::DEFAULT_DIR)]
+        toolkit: PathBuf,
+        /// Bundle folder; the archive is OUT.tar.zst beside it.
+        #[arg(long, default_value = "target/selfsup-cuda")]
+        out: PathBuf,
+        /// Also ship a CIFAR-10 subset from this data dir (N training and N/5 test images, in
+        /// the official layout) for run.sh's short cifar10-gpu run.
+        #[arg(long)]
+        cifar_from: Option<PathBuf>,
+        /// Training images in that subset.
+        #[arg(long, default_value_t = 10_000)]
+        cifar_images: usize,
+    },
     /// Benchmarks (results go to docs/benchmarks.md by hand, with the command).
     Bench {
         #[command(subcommand)]
@@ -52,7 +77,7 @@ enum Device {
     Cuda,
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {cmd:?}");
     let st = cmd
         .status()
@@ -63,21 +88,16 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cuda_available() -> Option<String> {
-    let nvcc = Command::new("nvcc")
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success());
+/// Why the CUDA tests cannot run here, if they cannot (no GPU).
+fn gpu_missing() -> Option<String> {
     let smi = Command::new("nvidia-smi")
         .arg("-L")
         .output()
         .ok()
         .filter(|o| o.status.success());
-    match (nvcc, smi) {
-        (Some(_), Some(_)) => None,
-        (None, _) => Some("no CUDA toolkit found (nvcc is not on PATH)".into()),
-        (_, None) => Some("no NVIDIA GPU found (nvidia-smi -L failed)".into()),
+    match smi {
+        Some(_) => None,
+        None => Some("no NVIDIA GPU here (nvidia-smi -L failed)".into()),
     }
 }
 
@@ -86,10 +106,9 @@ fn test(device: Device) -> Result<()> {
     let features: &[&str] = match device {
         Device::Cpu => &[],
         Device::Cuda => {
-            if let Some(why) = cuda_available() {
-                bail!("cannot run the cuda matrix: {why}");
-            }
-            &["--features", "cuda"]
+            // Builds with the pinned toolkit (installed when missing); runs the tests when a
+            // GPU is here, else says what it built.
+            return cuda::test(std::path::Path::new(cuda::DEFAULT_DIR), gpu_missing());
         }
     };
     run(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
@@ -172,6 +191,13 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Cmd::Test { device } => test(device),
+        Cmd::CudaToolkit { dir } => cuda::install(&dir).map(|_| ()),
+        Cmd::CudaBundle {
+            toolkit,
+            out,
+            cifar_from,
+            cifar_images,
+        } => cuda::bundle(&toolkit, &out, cifar_from.as_deref(), cifar_images),
         Cmd::Bench { what } => {
             if cfg!(debug_assertions) {
                 // Benchmarks only mean something in release: run this command again there.

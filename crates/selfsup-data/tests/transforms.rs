@@ -193,3 +193,15 @@ fn jitter_probability_zero_is_identity_and_grayscale_one_is_gray() {
     .validate()
     .is_err());
 }
+
+/// The README's count of reference cases is the fixture's.
+#[test]
+fn the_readme_counts_the_fixture_cases() {
+    let n = fixture()["cases"].as_array().unwrap().len();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("| transforms vs torchvision, {n} cases |")),
+        "README.md must say {n} transform cases"
+    );
+}

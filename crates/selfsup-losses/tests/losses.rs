@@ -259,3 +259,23 @@ fn bad_input_is_an_error_naming_what_is_wrong() {
     let ints = Tensor::zeros((4, 8), DType::U32, &dev).unwrap();
     assert!(CosineSimilarity.loss(&ints, &ints).is_err());
 }
+
+/// The README's count of reference cases is the fixture's.
+#[test]
+fn the_readme_counts_the_fixture_cases() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/losses.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let n = doc["cases"].as_array().unwrap().len();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("| losses vs lightly/PyTorch, {n} cases |")),
+        "README.md must say {n} loss cases"
+    );
+}
