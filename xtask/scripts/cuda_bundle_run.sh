@@ -8,7 +8,7 @@
 #
 # 1. tests: the CUDA test binaries (CUDA vs CPU: encoders, losses, methods, trainer);
 # 2. bench: `xtask bench train-step --device cuda:0` for small-cnn and resnet18;
-# 3. run:   a short `cifar10-gpu` run with its kNN curve, on data/ (a CIFAR-10 subset in the
+# 3. run:   a short `cifar10-gpu` run (10 epochs) with its kNN curve, on data/ (a CIFAR-10 subset in the
 #           official binary layout, shipped in the bundle when it was built with one) or on
 #           $CIFAR10_DIR.
 set -uo pipefail
@@ -53,7 +53,7 @@ for step in $STEPS; do
         ;;
     run)
         DATA=${CIFAR10_DIR:-$HERE/data}
-        "$HERE/bin/selfsup" train --preset cifar10-gpu --epochs "${EPOCHS:-3}" --knn-every 1 \
+        "$HERE/bin/selfsup" train --preset cifar10-gpu --epochs "${EPOCHS:-10}" --knn-every 1 \
             --data-dir "$DATA" --out "$OUT/run" 2>&1 | tee "$OUT/run.log"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
         ;;

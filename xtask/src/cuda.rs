@@ -64,8 +64,13 @@ impl Toolkit {
         // Absolute: build scripts run in their own package folders.
         let nvidia = std::path::absolute(py.path().join("site-packages/nvidia")).ok()?;
         let t = Self { nvidia };
-        (t.cu().join("bin/nvcc").is_file() && t.cu().join("lib/stubs/libcuda.so").is_file())
-            .then_some(t)
+        let lib = t.cu().join("lib");
+        (t.cu().join("bin/nvcc").is_file()
+            && lib.join("stubs/libcuda.so").is_file()
+            && ["libcublas.so", "libcurand.so", "libnvrtc.so", "libcudnn.so"]
+                .iter()
+                .all(|l| lib.join(l).exists()))
+        .then_some(t)
     }
 
     /// The environment a cargo build needs: nvcc on PATH, CUDA_ROOT for cudarc's and
@@ -171,8 +176,12 @@ pub fn install(dir: &Path) -> Result<Toolkit> {
                 continue;
             };
             let link = lib.join(format!("{base}.so"));
+            // A link that does not resolve (an earlier run's) is made again.
+            if link.symlink_metadata().is_ok() && !link.exists() {
+                std::fs::remove_file(&link)?;
+            }
             if link.symlink_metadata().is_err() {
-                std::os::unix::fs::symlink(e.path(), &link)
+                std::os::unix::fs::symlink(std::path::absolute(e.path())?, &link)
                     .with_context(|| format!("{}", link.display()))?;
                 linked.push(base.to_string());
             }
@@ -345,7 +354,7 @@ pub fn bundle(
     run(Command::new("tar")
         .arg("-C")
         .arg(parent)
-        .args(["--zstd", "-cf"])
+        .args(["--use-compress-program", "zstd -19 -T0", "-cf"])
         .arg(&tar)
         .arg(&name))?;
     let size = std::fs::metadata(&tar)?.len();

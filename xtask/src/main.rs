@@ -60,8 +60,8 @@ enum Cmd {
         /// the official layout) for run.sh's short cifar10-gpu run.
         #[arg(long)]
         cifar_from: Option<PathBuf>,
-        /// Training images in that subset.
-        #[arg(long, default_value_t = 10_000)]
+        /// Training images in that subset (the bundle must stay under 64 MiB).
+        #[arg(long, default_value_t = 5_000)]
         cifar_images: usize,
     },
     /// Benchmarks (results go to docs/benchmarks.md by hand, with the command).

@@ -12,6 +12,7 @@
 //!   On the synthetic stripes the non-contrastive methods learn the background colour and lose
 //!   the orientation (docs/methods.md), so they are checked on real images.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -46,7 +47,9 @@ fn train(c: &TrainConfig, data: RunData) -> Outcome {
         std,
         threshold: COLLAPSE_FRACTION / (c.proj_out as f64).sqrt(),
     };
-    eprintln!(
+    // Straight to stderr, past the test harness's capture: the margins are worth seeing.
+    let _ = writeln!(
+        std::io::stderr(),
         "{}: kNN {:.4} (random encoder) -> {:.4}; embedding std {:.4} (collapse below {:.4}); loss {:?} -> {:?}",
         c.method, o.random, o.trained, o.std, o.threshold, s.first_loss, s.last_loss
     );
