@@ -24,6 +24,9 @@ if [ -n "$NV" ]; then
     LIBS=$(find "$NV" -maxdepth 3 -type d -name lib | tr '\n' ':')
     export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
 fi
+# Last: the bundle's cuRAND stand-in (draws fail loudly; selfsup draws on the CPU), for
+# environments without cuRAND; a real one earlier on the path wins.
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$HERE/lib-fallback"
 {
     echo "nvidia wheels: ${NV:-none found with $PY}"
     nvidia-smi || true

@@ -110,6 +110,11 @@ fn site_packages(venv: &Path) -> Result<PathBuf> {
 /// Every CUDA driver function cudarc may call (its `load::<_F>("cu...")` names, any CUDA
 /// version), for the stub.
 fn driver_symbols() -> Result<Vec<String>> {
+    cudarc_symbols("driver", "cu")
+}
+
+/// The functions of cudarc's `src/MODULE/sys/mod.rs` whose names start with `prefix`.
+fn cudarc_symbols(module: &str, prefix: &str) -> Result<Vec<String>> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
             "metadata",
@@ -126,18 +131,18 @@ fn driver_symbols() -> Result<Vec<String>> {
         .and_then(|p| p.iter().find(|p| p["name"] == "cudarc"))
         .and_then(|p| p["manifest_path"].as_str())
         .context("cudarc is not in the dependency graph (run `cargo fetch`)")?;
-    let src = Path::new(manifest).with_file_name("src/driver/sys/mod.rs");
+    let src = Path::new(manifest).with_file_name(format!("src/{module}/sys/mod.rs"));
     let text = std::fs::read_to_string(&src).with_context(|| format!("{}", src.display()))?;
     let mut names: Vec<String> = text
         .split("load::<_F>(\"")
         .skip(1)
         .filter_map(|s| s.split('"').next())
-        .filter(|n| n.starts_with("cu"))
+        .filter(|n| n.starts_with(prefix))
         .map(String::from)
         .collect();
     names.sort();
     names.dedup();
-    if names.len() < 100 {
+    if names.len() < 20 {
         bail!(
             "found only {} driver symbols in {}",
             names.len(),
@@ -346,6 +351,7 @@ pub fn bundle(
     if let Some(from) = cifar_from {
         cifar_subset(from, &out.join("data"), cifar_images)?;
     }
+    curand_fallback(&out.join("lib-fallback"))?;
     std::fs::write(out.join("run.sh"), RUN_SH)?;
     set_executable(&out.join("run.sh"))?;
     let parent = out.parent().unwrap_or(Path::new("."));
@@ -396,6 +402,45 @@ fn cifar_subset(from: &Path, to: &Path, n: usize) -> Result<()> {
         5 * per,
         from.display()
     );
+    Ok(())
+}
+
+/// A `libcurand.so.10` for machines without cuRAND (PyTorch's CUDA 13 wheels do not bring it,
+/// and the real one, 43 MiB compressed, does not fit the bundle): creating, seeding and
+/// destroying a generator succeed (candle makes one per device), every draw fails with
+/// CURAND_STATUS_INTERNAL_ERROR, so device-side random numbers error loudly instead of
+/// returning garbage. selfsup draws its random numbers on the CPU. run.sh puts it last on the
+/// library path: a real cuRAND wins.
+fn curand_fallback(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ok = |n: &str| {
+        n.starts_with("curandCreate")
+            || n.starts_with("curandDestroy")
+            || n.starts_with("curandSet")
+            || n == "curandGenerateSeeds"
+    };
+    let c: String = cudarc_symbols("curand", "curand")?
+        .iter()
+        .map(|s| {
+            format!(
+                "int {s}(void) {{ return {}; }}\n",
+                if ok(s) { 0 } else { 999 }
+            )
+        })
+        .collect();
+    let c_file = dir.join("curand_fallback.c");
+    std::fs::write(&c_file, c)?;
+    // The real library versions its symbols `libcurand.so.10`, and the binaries ask for that.
+    let map = dir.join("curand_fallback.map");
+    std::fs::write(&map, "libcurand.so.10 { global: *; };\n")?;
+    run(Command::new("cc")
+        .args(["-shared", "-fPIC", "-Wl,-soname,libcurand.so.10"])
+        .arg(format!("-Wl,--version-script={}", map.display()))
+        .arg("-o")
+        .arg(dir.join("libcurand.so.10"))
+        .arg(&c_file))?;
+    std::fs::remove_file(&c_file)?;
+    std::fs::remove_file(&map)?;
     Ok(())
 }
 
