@@ -56,13 +56,9 @@ impl Toolkit {
 
     /// A toolkit installed in `dir` earlier, if there is one.
     pub fn find(dir: &Path) -> Option<Self> {
-        let lib = dir.join("venv/lib");
-        let py = std::fs::read_dir(&lib)
-            .ok()?
-            .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with("python"))?;
         // Absolute: build scripts run in their own package folders.
-        let nvidia = std::path::absolute(py.path().join("site-packages/nvidia")).ok()?;
+        let nvidia =
+            std::path::absolute(site_packages(&dir.join("venv")).ok()?.join("nvidia")).ok()?;
         let t = Self { nvidia };
         let lib = t.cu().join("lib");
         (t.cu().join("bin/nvcc").is_file()

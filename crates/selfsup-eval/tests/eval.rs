@@ -39,9 +39,9 @@ fn knn_and_probe_on_separable_features() {
         },
     )
     .unwrap();
-    // (top-5 of 4 classes is always 1: only top-1 says anything here; tests/reference.rs
-    // checks both against lightly.)
-    assert!(t1 > 0.95 && t5 == 1.0, "{t1} {t5}");
+    // Top-5 of 4 classes is always 1, so only top-1 is asserted here; tests/reference.rs checks
+    // both against lightly.
+    assert!(t1 > 0.95, "{t1} {t5}");
     let r = linear_probe(
         &tr,
         &trl,
