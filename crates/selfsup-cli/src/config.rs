@@ -112,10 +112,25 @@ pub(crate) struct TrainArgs {
     /// kNN monitor every N epochs (0: off).
     #[arg(long)]
     pub(crate) knn_every: Option<usize>,
+    /// kNN monitor on flip-averaged features (each image and its mirror image).
+    #[arg(long)]
+    pub(crate) knn_flip: Option<bool>,
+    /// Multi-crop: local views per image besides the two global ones (simclr, barlow, vicreg).
+    #[arg(long)]
+    pub(crate) local_crops: Option<usize>,
+    /// Side of a local view in pixels.
+    #[arg(long)]
+    pub(crate) local_crop_size: Option<usize>,
+    /// Smallest area of a local crop (fraction of the image).
+    #[arg(long)]
+    pub(crate) local_crop_min_scale: Option<f64>,
+    /// Largest area of a local crop (fraction of the image).
+    #[arg(long)]
+    pub(crate) local_crop_max_scale: Option<f64>,
     /// TOML config file.
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// Preset: cifar10-cpu or cifar10-gpu.
+    /// Preset: cifar10-cpu, cifar10-cpu-1h or cifar10-gpu.
     #[arg(long)]
     pub(crate) preset: Option<String>,
     /// Continue the run in --out from its last checkpoint.
@@ -162,7 +177,11 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         .or(file_method)
         .unwrap_or_else(|| cfg.method.clone());
     check_method_name(&method)?;
-    cfg.apply_method_defaults(&method);
+    // A preset's own method keeps the preset's settings (they are its recipe); another method
+    // brings its defaults.
+    if a.preset.is_none() || method != cfg.method {
+        cfg.apply_method_defaults(&method);
+    }
     if let Some((path, s)) = &file {
         cfg = merge_toml(&cfg, s).with_context(|| format!("{}", path.display()))?;
     }
@@ -227,6 +246,11 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         out,
         train_subset,
         knn_every,
+        knn_flip,
+        local_crops,
+        local_crop_size,
+        local_crop_min_scale,
+        local_crop_max_scale,
         augment,
         proj_hidden,
         proj_out,

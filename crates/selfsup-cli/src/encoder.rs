@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use selfsup_data::Normalize;
-use selfsup_eval::extract_features;
+use selfsup_eval::{extract_features_tta, Tta};
 use selfsup_methods::GreyInput;
 use selfsup_models::{build_encoder, io, seeded_var_builder, Encoder, EncoderKind};
 use selfsup_train::setup::inference_encoder;
@@ -45,6 +45,10 @@ pub(crate) struct CheckpointArgs {
     /// three channels, as colorization trains on; e.g. `--baseline random --input grey`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "colour", "grey"])]
     pub(crate) input: String,
+    /// Test-time augmentation of the features: `none` (the standard protocol) or `flip` (the
+    /// mean of the features of each image and its mirror image, bank and queries alike).
+    #[arg(long, default_value = "none", value_parser = ["none", "flip"])]
+    pub(crate) tta: String,
 }
 
 /// Raw pixels as features: `(N, C, H, W) -> (N, C H W)`.
@@ -120,15 +124,18 @@ pub(crate) fn cifar_features(
         .unwrap_or_default();
     let (train, test) = load_cifar(&ck.data_dir, &src, &sha)?;
     let enc = for_inference(enc, ck, &cfg, &Normalize::cifar10());
-    let tr = extract_features(
+    let tta: Tta = ck.tta.parse()?;
+    let tr = extract_features_tta(
         enc.as_ref(),
         &eval_loader(train, 32, Normalize::cifar10(), ck.threads)?,
         &device,
+        tta,
     )?;
-    let te = extract_features(
+    let te = extract_features_tta(
         enc.as_ref(),
         &eval_loader(test, 32, Normalize::cifar10(), ck.threads)?,
         &device,
+        tta,
     )?;
     Ok((tr, te))
 }

@@ -88,7 +88,7 @@ fn record_path(ck: &CheckpointArgs) -> Option<PathBuf> {
 /// digest, or baseline) and with which settings.
 fn start_record(kind: &str, ck: &CheckpointArgs, settings: serde_json::Value) -> Record {
     let mut config = serde_json::json!({
-        "baseline": ck.baseline, "encoder": ck.encoder, "input": ck.input, "device": ck.device,
+        "baseline": ck.baseline, "encoder": ck.encoder, "input": ck.input, "tta": ck.tta, "device": ck.device,
         "settings": settings,
     });
     if let Some(p) = &ck.checkpoint {

@@ -25,6 +25,26 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
             out: "runs/cifar10-cpu".into(),
             ..base
         },
+        "cifar10-cpu-1h" => {
+            let mut c = TrainConfig {
+                encoder: "small-cnn".into(),
+                batch_size: 256,
+                out: "runs/cifar10-cpu-1h".into(),
+                ..base
+            };
+            c.apply_method_defaults("vicreg");
+            TrainConfig {
+                epochs: 20,
+                warmup_epochs: 1.0,
+                proj_hidden: 1024,
+                proj_out: 1024,
+                local_crops: 4,
+                local_crop_size: 16,
+                knn_every: 5,
+                knn_flip: true,
+                ..c
+            }
+        }
         "cifar10-gpu" => TrainConfig {
             encoder: "resnet18".into(),
             epochs: 200,
@@ -41,6 +61,6 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
             out: "runs/cifar10-gpu".into(),
             ..base
         },
-        _ => bail!("unknown preset {name:?} (known: cifar10-cpu, cifar10-gpu)"),
+        _ => bail!("unknown preset {name:?} (known: cifar10-cpu, cifar10-cpu-1h, cifar10-gpu)"),
     })
 }

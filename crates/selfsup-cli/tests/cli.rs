@@ -139,6 +139,39 @@ fn train_resume_embed_and_errors() {
 }
 
 #[test]
+fn the_one_hour_preset_keeps_its_recipe() {
+    let cfg = |args: &[&str]| {
+        selfsup()
+            .args(["train", "--preset", "cifar10-cpu-1h", "--print-config"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cfg(&[]);
+    assert_ok(&out);
+    let c = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "method = \"vicreg\"",
+        "optimizer = \"lars\"",
+        "proj_hidden = 1024",
+        "proj_out = 1024",
+        "local_crops = 4",
+        "local_crop_size = 16",
+        "knn_flip = true",
+    ] {
+        assert!(c.contains(want), "{want} missing from\n{c}");
+    }
+    // Its own method named again keeps the recipe; a method without multi-crop is refused
+    // with what to change, before any work.
+    let again = String::from_utf8(cfg(&["--method", "vicreg"]).stdout).unwrap();
+    assert_eq!(again, c);
+    let moco = cfg(&["--method", "moco"]);
+    assert_eq!(moco.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&moco.stderr).contains("--local-crops 0"));
+    assert_ok(&cfg(&["--method", "moco", "--local-crops", "0"]));
+}
+
+#[test]
 fn methods_bring_their_defaults_and_flags_override_them() {
     let cfg = |args: &[&str]| {
         let out = selfsup()

@@ -34,5 +34,8 @@ pub use dataset::{Dataset, InMemory, Item};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
-pub use pipeline::{item_rng, mix_seed, preset_views, MultiView, Pipeline, Preset};
+pub use pipeline::{
+    item_rng, mix_seed, preset_local_view, preset_views, preset_views_multicrop, LocalCrops,
+    MultiView, Pipeline, Preset,
+};
 pub use transforms::{Normalize, Rng, Transform};

@@ -128,8 +128,12 @@ impl std::str::FromStr for Preset {
 }
 
 fn simclr_base(size: usize, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
+    cropped_base(RandomResizedCrop::new(size), jitter)
+}
+
+fn cropped_base(crop: RandomResizedCrop, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
     vec![
-        Arc::new(RandomResizedCrop::new(size)),
+        Arc::new(crop),
         Arc::new(HorizontalFlip { p: 0.5 }),
         Arc::new(jitter),
         Arc::new(RandomGrayscale { p: 0.2 }),
@@ -144,6 +148,83 @@ fn simclr_jitter() -> ColorJitter {
         hue: 0.1,
         p: 0.8,
     }
+}
+
+/// Multi-crop (SwAV, Caron et al. 2020): besides a preset's two global views, `count` small
+/// crops of a small part of the image, kept near their native resolution (side `size`, area
+/// `scale` of the image) instead of upscaled, so each costs a fraction of a global view.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalCrops {
+    /// Number of local views per image.
+    pub count: usize,
+    /// Side of a local view in pixels.
+    pub size: usize,
+    /// Range of a local crop's area as a fraction of the image.
+    pub scale: (f64, f64),
+}
+
+impl LocalCrops {
+    /// Checks the settings: a positive size, `0 < min <= max <= 1`.
+    pub fn validate(&self) -> Result<()> {
+        let (lo, hi) = self.scale;
+        if self.count > 0 && self.size == 0 {
+            return Err(Error::Config("local crop size must be positive".into()));
+        }
+        if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+            return Err(Error::Config(format!(
+                "local crop scale must satisfy 0 < min <= max <= 1, got {lo}..{hi}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The pipeline of one local view of `preset`: its first view's photometric transforms after a
+/// crop of `local.scale` of the area resized to `local.size` (the Gaussian blur, where the
+/// preset has one, at probability 0.5 as in SwAV's and DINO's small crops).
+pub fn preset_local_view(
+    preset: Preset,
+    local: &LocalCrops,
+    normalize: Normalize,
+) -> Result<Pipeline> {
+    local.validate()?;
+    let crop = RandomResizedCrop {
+        scale: local.scale,
+        ..RandomResizedCrop::new(local.size)
+    };
+    let transforms = match preset {
+        Preset::SimclrCifar => cropped_base(crop, simclr_jitter()),
+        Preset::SimclrImagenet | Preset::Byol => {
+            let mut t = cropped_base(crop, simclr_jitter());
+            t.push(Arc::new(GaussianBlur::simclr(local.size, 0.5)));
+            t
+        }
+        Preset::CropFlip | Preset::None => {
+            return Err(Error::Config(format!(
+                "local crops need a two-view augmentation (simclr_cifar, simclr_imagenet, byol), not {preset:?}"
+            )))
+        }
+    };
+    Ok(Pipeline {
+        transforms,
+        normalize,
+    })
+}
+
+/// The views of `preset` for images of side `size`, then `local.count` local views: global
+/// views first, local views last (the order methods rely on).
+pub fn preset_views_multicrop(
+    preset: Preset,
+    size: usize,
+    local: &LocalCrops,
+    normalize: Normalize,
+) -> Result<MultiView> {
+    let mut views = preset_views(preset, size, normalize.clone());
+    if local.count > 0 {
+        let p = preset_local_view(preset, local, normalize)?;
+        views.views.extend(std::iter::repeat(p).take(local.count));
+    }
+    Ok(views)
 }
 
 /// The views of a preset for images of side `size`.

@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use selfsup_data::{cifar, folder, preset_views, Dataset, Loader, LoaderConfig, Normalize, Preset};
+use selfsup_data::{
+    cifar, folder, preset_views, preset_views_multicrop, Dataset, Loader, LoaderConfig, LocalCrops,
+    Normalize, Preset,
+};
 
 fn write_fake_cifar(dir: &std::path::Path, per_file: usize) -> (Vec<u8>, Vec<u8>) {
     let b = dir.join(cifar::BATCHES_DIR);
@@ -261,4 +264,92 @@ fn a_loader_thread_that_dies_fails_the_epoch_instead_of_ending_it() {
     assert!(out[0].is_ok());
     let err = out.iter().find_map(|b| b.as_ref().err()).expect("an error");
     assert!(err.to_string().contains("prefetch thread stopped"), "{err}");
+}
+
+#[test]
+fn local_crops_come_after_the_global_views_at_their_own_size() {
+    let d = tempfile::tempdir().unwrap();
+    write_fake_cifar(d.path(), 20);
+    let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
+    let local = LocalCrops {
+        count: 3,
+        size: 16,
+        scale: (0.1, 0.4),
+    };
+    let views =
+        preset_views_multicrop(Preset::SimclrCifar, 32, &local, Normalize::cifar10()).unwrap();
+    assert_eq!(views.len(), 5);
+    let cfg = LoaderConfig {
+        batch_size: 8,
+        threads: 2,
+        ..Default::default()
+    };
+    let l = Loader::new(ds.clone(), views.clone(), cfg.clone()).unwrap();
+    let b = l.epoch(0).next().unwrap().unwrap();
+    let dims: Vec<Vec<usize>> = b.views.iter().map(|v| v.dims().to_vec()).collect();
+    assert_eq!(dims[..2], [vec![8, 3, 32, 32], vec![8, 3, 32, 32]]);
+    assert!(dims[2..].iter().all(|d| d == &[8, 3, 16, 16]), "{dims:?}");
+    // Each local view is drawn with its own randomness, and the same seed gives the same views.
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(flat(&b.views[2]), flat(&b.views[3]));
+    let again = Loader::new(ds, views, cfg)
+        .unwrap()
+        .epoch(0)
+        .next()
+        .unwrap()
+        .unwrap();
+    for (x, y) in b.views.iter().zip(&again.views) {
+        assert_eq!(flat(x), flat(y));
+    }
+    // No local views: the preset's views unchanged.
+    let none = LocalCrops {
+        count: 0,
+        ..local.clone()
+    };
+    assert_eq!(
+        preset_views_multicrop(Preset::SimclrCifar, 32, &none, Normalize::cifar10())
+            .unwrap()
+            .len(),
+        2
+    );
+    // Bad settings and one-view presets are refused with what is wrong.
+    for (bad, want) in [
+        (
+            LocalCrops {
+                scale: (0.0, 0.4),
+                ..local.clone()
+            },
+            "scale",
+        ),
+        (
+            LocalCrops {
+                scale: (0.5, 0.4),
+                ..local.clone()
+            },
+            "scale",
+        ),
+        (
+            LocalCrops {
+                scale: (0.1, 1.5),
+                ..local.clone()
+            },
+            "scale",
+        ),
+        (
+            LocalCrops {
+                size: 0,
+                ..local.clone()
+            },
+            "size",
+        ),
+    ] {
+        let e = preset_views_multicrop(Preset::SimclrCifar, 32, &bad, Normalize::cifar10())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = preset_views_multicrop(Preset::CropFlip, 32, &local, Normalize::cifar10())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("two-view augmentation"), "{e}");
 }

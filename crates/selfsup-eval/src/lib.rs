@@ -16,7 +16,7 @@ mod features;
 mod knn;
 mod linear;
 
-pub use features::{extract_features, Features};
+pub use features::{extract_features, extract_features_tta, flip_horizontal, Features, Tta};
 pub use knn::{knn, knn_predict, topk_accuracy, KnnConfig};
 pub use linear::{linear_probe, LinearProbeConfig, ProbeResult};
 

@@ -140,3 +140,72 @@ fn the_linear_probe_refuses_non_finite_features() {
         assert!(e.contains("NaN or infinite"), "{e}");
     }
 }
+
+#[test]
+fn flip_tta_averages_each_image_with_its_mirror() {
+    let ds = Arc::new(synthetic::stripes(12, 16, 2, 5));
+    let vm = candle_nn::VarMap::new();
+    let enc = build_encoder(
+        &EncoderKind::SmallCnn,
+        seeded_var_builder(&vm, 1, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let l = Loader::new(
+        ds,
+        preset_views(Preset::None, 16, Normalize::cifar10()),
+        LoaderConfig {
+            batch_size: 5,
+            shuffle: false,
+            drop_last: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let plain = extract_features(enc.as_ref(), &l, &Device::Cpu).unwrap();
+    let tta = extract_features_tta(enc.as_ref(), &l, &Device::Cpu, Tta::Flip).unwrap();
+    // By hand: the mirrored images through the encoder, averaged with the plain features.
+    let x = Tensor::cat(
+        &l.epoch(0)
+            .map(|b| b.unwrap().views[0].clone())
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    let mirrored = flip_horizontal(&x).unwrap();
+    let row: Vec<f32> = x
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(3)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mrow: Vec<f32> = mirrored
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(3)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(row.iter().rev().copied().collect::<Vec<_>>(), mrow);
+    let want = ((&plain.x + enc.features(&mirrored).unwrap()).unwrap() * 0.5).unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        tta.x.flatten_all().unwrap().to_vec1().unwrap(),
+        want.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-5));
+    // The mirror changes the features of these asymmetric images, so the average is not the
+    // plain features.
+    let p: Vec<f32> = plain.x.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(a.iter().zip(&p).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert_eq!(tta.labels, plain.labels);
+    assert_eq!("flip".parse::<Tta>().unwrap(), Tta::Flip);
+    assert!("mirror"
+        .parse::<Tta>()
+        .unwrap_err()
+        .to_string()
+        .contains("known: none, flip"));
+}

@@ -48,4 +48,34 @@ use candle_core::Tensor;
 pub trait PairLoss {
     /// The loss of `a` against `b`.
     fn loss(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+
+    /// The multi-crop loss of two global views `g0`, `g1` and `locals` (SwAV, DINO): every
+    /// global view against every other view, averaged over these ordered pairs. The loss is
+    /// symmetric, so the global pair counts twice:
+    /// `(2 L(g0, g1) + sum over g in {g0, g1}, l in locals of L(g, l)) / (2 + 2 k)`; with no
+    /// local views, `L(g0, g1)`. The default computes every pair
+    /// ([`pairwise_multi_crop_loss`]); a loss with per-view terms may compute them once.
+    fn multi_crop_loss(&self, g0: &Tensor, g1: &Tensor, locals: &[Tensor]) -> Result<Tensor> {
+        pairwise_multi_crop_loss(self, g0, g1, locals)
+    }
+}
+
+/// [`PairLoss::multi_crop_loss`] computed pair by pair.
+pub fn pairwise_multi_crop_loss<L: PairLoss + ?Sized>(
+    loss: &L,
+    g0: &Tensor,
+    g1: &Tensor,
+    locals: &[Tensor],
+) -> Result<Tensor> {
+    let global = loss.loss(g0, g1)?;
+    if locals.is_empty() {
+        return Ok(global);
+    }
+    let mut total = (global * 2.0)?;
+    for l in locals {
+        for g in [g0, g1] {
+            total = (total + loss.loss(g, l)?)?;
+        }
+    }
+    Ok((total / (2.0 + 2.0 * locals.len() as f64))?)
 }

@@ -59,6 +59,40 @@ fn covariance_term(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
 }
 
 impl PairLoss for Vicreg {
+    /// Equal to the pairwise definition, with each view's variance and covariance terms
+    /// computed once and weighted by the number of pairs holding the view (`2 + k` for a global
+    /// view, 2 for a local one): `k + 2` covariance matrices instead of `4 k + 2`.
+    fn multi_crop_loss(&self, g0: &Tensor, g1: &Tensor, locals: &[Tensor]) -> Result<Tensor> {
+        if locals.is_empty() {
+            return self.loss(g0, g1);
+        }
+        let (n, d) = check_pair(g0, g1, "VICReg")?;
+        if n < 2 {
+            return Err(Error::Input(format!(
+                "VICReg needs a batch of at least 2, got {n}"
+            )));
+        }
+        for l in locals {
+            check_pair(g0, l, "VICReg")?;
+        }
+        let k = locals.len() as f64;
+        let mut inv = ((g0 - g1)?.sqr()?.mean_all()? * 2.0)?;
+        for l in locals {
+            for g in [g0, g1] {
+                inv = (inv + (g - l)?.sqr()?.mean_all()?)?;
+            }
+        }
+        let wg = 2.0 + k;
+        let mut var = ((variance_term(g0, n)? + variance_term(g1, n)?)? * wg)?;
+        let mut cov = ((covariance_term(g0, n, d)? + covariance_term(g1, n, d)?)? * wg)?;
+        for l in locals {
+            var = (var + (variance_term(l, n)? * 2.0)?)?;
+            cov = (cov + (covariance_term(l, n, d)? * 2.0)?)?;
+        }
+        let total = ((inv * self.sim)? + (var * (0.5 * self.var))? + (cov * self.cov)?)?;
+        Ok((total / (2.0 + 2.0 * k))?)
+    }
+
     fn loss(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (n, d) = check_pair(a, b, "VICReg")?;
         if n < 2 {

@@ -279,3 +279,50 @@ fn the_readme_counts_the_fixture_cases() {
         "README.md must say {n} loss cases"
     );
 }
+
+#[test]
+fn vicreg_multi_crop_equals_the_pairwise_definition() {
+    // VICReg computes each view's variance and covariance once; the value and the gradients
+    // must equal the pair-by-pair definition of `PairLoss::multi_crop_loss`.
+    let dev = Device::Cpu;
+    let v = |seed: f64| {
+        let t = Tensor::randn(seed, 1.0, (12, 6), &dev).unwrap();
+        Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap()
+    };
+    let (g0, g1) = (v(0.0), v(0.5));
+    let locals: Vec<Var> = (0..3).map(|i| v(i as f64)).collect();
+    let lt: Vec<Tensor> = locals.iter().map(|l| l.as_tensor().clone()).collect();
+    let loss = Vicreg::new(25.0, 25.0, 1.0).unwrap();
+    let fast = loss.multi_crop_loss(&g0, &g1, &lt).unwrap();
+    let slow = pairwise_multi_crop_loss(&loss, &g0, &g1, &lt).unwrap();
+    let (f, s) = (
+        fast.to_scalar::<f64>().unwrap(),
+        slow.to_scalar::<f64>().unwrap(),
+    );
+    assert!((f - s).abs() < 1e-10 * s.abs().max(1.0), "{f} vs {s}");
+    let (gf, gs) = (fast.backward().unwrap(), slow.backward().unwrap());
+    for x in [&g0, &g1].into_iter().chain(locals.iter()) {
+        let a: Vec<f64> = gf.get(x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f64> = gs.get(x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() < 1e-10, "gradient {p} vs {q}");
+        }
+    }
+    // No local views: the loss of the pair.
+    let pair = loss.loss(&g0, &g1).unwrap().to_scalar::<f64>().unwrap();
+    let none = loss.multi_crop_loss(&g0, &g1, &[]).unwrap();
+    assert_eq!(none.to_scalar::<f64>().unwrap(), pair);
+    // The weighting: global pair twice, each (global, local) pair once.
+    let nt = NtXent::new(0.5).unwrap();
+    let by_hand = (2.0 * nt.loss(&g0, &g1).unwrap().to_scalar::<f64>().unwrap()
+        + lt.iter()
+            .flat_map(|l| [&g0, &g1].map(|g| nt.loss(g, l).unwrap().to_scalar::<f64>().unwrap()))
+            .sum::<f64>())
+        / 8.0;
+    let got = nt
+        .multi_crop_loss(&g0, &g1, &lt)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((got - by_hand).abs() < 1e-12, "{got} vs {by_hand}");
+}

@@ -10,7 +10,7 @@ use selfsup_losses::PairLoss;
 
 use selfsup_dist::Comm;
 
-use crate::{gather, two_views, Placement, Result, StepOutput};
+use crate::{gather, two_views, Error, Placement, Result, StepOutput};
 
 pub(crate) struct EncoderHead {
     pub comm: Comm,
@@ -56,22 +56,66 @@ impl EncoderHead {
 }
 
 impl EncoderHead {
-    /// The step of a method whose loss compares the two views' projections (`what` names the
-    /// method in errors).
+    /// The step of a method whose loss compares the views' projections (`what` names the
+    /// method in errors). Two views: the loss of the pair. Multi-crop (two global views, then
+    /// local views of one smaller size, see `selfsup_data::LocalCrops`):
+    /// [`PairLoss::multi_crop_loss`], every global view against every other view. The local
+    /// views go through the encoder as one batch of their own (their own BatchNorm statistics).
     pub fn pair_loss_step(
         &self,
         views: &[Tensor],
         what: &str,
         loss: &dyn PairLoss,
     ) -> Result<StepOutput> {
-        let (v0, v1) = two_views(views, what)?;
+        let (globals, locals) = split_views(views, what)?;
+        let (v0, v1) = globals;
         let (z0, z1) = self.project_pair(v0, v1)?;
+        let zl = if locals.is_empty() {
+            vec![]
+        } else {
+            self.project_locals(locals)?
+        };
         Ok(StepOutput {
-            loss: loss.loss(&z0, &z1)?,
+            loss: loss.multi_crop_loss(&z0, &z1, &zl)?,
             metrics: vec![],
             embeddings: z0.detach(),
         })
     }
+
+    /// Projections of the local views, one forward of `k N` images, each view's rows gathered
+    /// from every rank.
+    pub fn project_locals(&self, locals: &[Tensor]) -> Result<Vec<Tensor>> {
+        let n = locals[0].dim(0)?;
+        let x = Tensor::cat(locals, 0)?;
+        let z = self
+            .head
+            .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
+        (0..locals.len())
+            .map(|i| gather(&self.comm, &z.narrow(0, i * n, n)?))
+            .collect()
+    }
+}
+
+/// The two global views and the local views after them; an error naming the method if there
+/// are fewer than two views or local views of different shapes.
+pub(crate) fn split_views<'a>(
+    views: &'a [Tensor],
+    what: &str,
+) -> Result<((&'a Tensor, &'a Tensor), &'a [Tensor])> {
+    if views.len() < 2 {
+        return two_views(views, what).map(|g| (g, &views[..0]));
+    }
+    let (g, locals) = views.split_at(2);
+    if let Some(first) = locals.first() {
+        if let Some(bad) = locals.iter().find(|l| l.dims() != first.dims()) {
+            return Err(Error::Config(format!(
+                "{what}: local views must share one shape, got {:?} and {:?}",
+                first.dims(),
+                bad.dims()
+            )));
+        }
+    }
+    Ok(((&g[0], &g[1]), locals))
 }
 
 /// Implement the `Method` accessors for a struct with an `inner: EncoderHead` field.

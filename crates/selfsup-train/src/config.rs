@@ -89,6 +89,8 @@ pub struct TrainConfig {
     pub out: String,
     /// kNN monitor every N epochs (0: never).
     pub knn_every: usize,
+    /// kNN monitor: features averaged over each image and its mirror image (test-time flip).
+    pub knn_flip: bool,
     /// kNN neighbours.
     pub knn_k: usize,
     /// kNN vote temperature.
@@ -97,6 +99,15 @@ pub struct TrainConfig {
     pub knn_test_subset: usize,
     /// Log a metrics line every N steps.
     pub log_every: usize,
+    /// Multi-crop: local views per image besides the two global views (0: off). Methods whose
+    /// loss compares projections (simclr, barlow, vicreg) take them.
+    pub local_crops: usize,
+    /// Side of a local view in pixels.
+    pub local_crop_size: usize,
+    /// Smallest area of a local crop, as a fraction of the image.
+    pub local_crop_min_scale: f64,
+    /// Largest area of a local crop, as a fraction of the image.
+    pub local_crop_max_scale: f64,
     /// Data-parallel runs: BatchNorm statistics over the global batch (every rank's samples),
     /// forward and backward. Without it each rank normalises its own batch and the running
     /// statistics are rank 0's, as in PyTorch DDP. No effect in one process.
@@ -145,10 +156,15 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             out: "runs/simclr".into(),
             knn_every: 1,
+            knn_flip: false,
             knn_k: 200,
             knn_temperature: 0.1,
             knn_test_subset: 0,
             log_every: 20,
+            local_crops: 0,
+            local_crop_size: 16,
+            local_crop_min_scale: 0.1,
+            local_crop_max_scale: 0.4,
             sync_bn: false,
         }
     }
@@ -227,6 +243,18 @@ impl TrainConfig {
         }
     }
 
+    /// Methods that take local views (multi-crop) besides the two global views.
+    pub const MULTI_CROP_METHODS: [&'static str; 3] = ["simclr", "barlow", "vicreg"];
+
+    /// The multi-crop settings for the data pipeline.
+    pub fn local_crops_config(&self) -> selfsup_data::LocalCrops {
+        selfsup_data::LocalCrops {
+            count: self.local_crops,
+            size: self.local_crop_size,
+            scale: (self.local_crop_min_scale, self.local_crop_max_scale),
+        }
+    }
+
     /// Check values that would fail later.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
@@ -277,6 +305,19 @@ impl TrainConfig {
         }
         if self.image_size == 0 {
             return bad("image_size must be positive".into());
+        }
+        if self.local_crops > 0 {
+            let base = self.method.split('+').next().unwrap_or_default();
+            if !Self::MULTI_CROP_METHODS.contains(&base) {
+                return bad(format!(
+                    "local_crops: {} takes exactly two views (set --local-crops 0); multi-crop works with {}",
+                    self.method,
+                    Self::MULTI_CROP_METHODS.join(", ")
+                ));
+            }
+            self.local_crops_config()
+                .validate()
+                .map_err(|e| Error::Config(format!("local crops: {e}")))?;
         }
         // The kNN monitor's settings fail here, not after the first epoch.
         if self.knn_every > 0 {

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::DType;
-use selfsup_data::{preset_views, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset};
+use selfsup_data::{
+    preset_views_multicrop, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset,
+};
 use selfsup_dist::Comm;
 use selfsup_methods::{
     Barlow, BarlowConfig, Byol, ByolConfig, Colorization, ColorizationConfig, GreyInput, Hybrid,
@@ -369,7 +371,12 @@ pub fn build_trainer_with_dist(
     };
     let loader = Loader::new(
         train.clone(),
-        preset_views(preset, cfg.image_size, data.normalize.clone()),
+        preset_views_multicrop(
+            preset,
+            cfg.image_size,
+            &cfg.local_crops_config(),
+            data.normalize.clone(),
+        )?,
         lc,
     )?;
     let monitor = match (&data.test, train.labels.is_some(), cfg.knn_every > 0) {
@@ -423,15 +430,20 @@ fn encoder_takes(
         .all_vars()
         .first()
         .map_or(DType::F32, |v| v.dtype());
-    let s = cfg.image_size;
-    let x = candle_core::Tensor::zeros((2, 3, s, s), dtype, device)?;
-    method.encoder().forward_t(&x, false).map_err(|e| {
-        let msg = e.to_string();
-        Error::Config(format!(
-            "image_size {s} does not fit encoder {}: {}",
-            cfg.encoder,
-            msg.lines().next().unwrap_or_default()
-        ))
-    })?;
+    let mut sizes = vec![("image_size", cfg.image_size)];
+    if cfg.local_crops > 0 {
+        sizes.push(("local_crop_size", cfg.local_crop_size));
+    }
+    for (what, s) in sizes {
+        let x = candle_core::Tensor::zeros((2, 3, s, s), dtype, device)?;
+        method.encoder().forward_t(&x, false).map_err(|e| {
+            let msg = e.to_string();
+            Error::Config(format!(
+                "{what} {s} does not fit encoder {}: {}",
+                cfg.encoder,
+                msg.lines().next().unwrap_or_default()
+            ))
+        })?;
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use selfsup_data::Loader;
 use selfsup_dist::Comm;
-use selfsup_eval::{extract_features, knn, KnnConfig};
+use selfsup_eval::{extract_features_tta, knn, KnnConfig, Tta};
 use selfsup_methods::{Method, ENCODER_PREFIX};
 
 use crate::checkpoint::{self, TrainState};
@@ -420,8 +420,13 @@ impl Trainer {
         let Some(m) = &self.monitor else {
             return Ok(None);
         };
-        let bank = extract_features(self.method.encoder(), &m.bank, &self.device)?;
-        let test = extract_features(self.method.encoder(), &m.test, &self.device)?;
+        let tta = if self.cfg.knn_flip {
+            Tta::Flip
+        } else {
+            Tta::None
+        };
+        let bank = extract_features_tta(self.method.encoder(), &m.bank, &self.device, tta)?;
+        let test = extract_features_tta(self.method.encoder(), &m.test, &self.device, tta)?;
         let (Some(bl), Some(tl)) = (&bank.labels, &test.labels) else {
             return Err(Error::Config("the kNN monitor needs labelled data".into()));
         };
