@@ -155,20 +155,22 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "optimizer = \"lars\"",
         "proj_hidden = 1024",
         "proj_out = 1024",
-        "local_crops = 4",
-        "local_crop_size = 16",
+        "epochs = 35",
         "knn_flip = true",
     ] {
         assert!(c.contains(want), "{want} missing from\n{c}");
     }
-    // Its own method named again keeps the recipe; a method without multi-crop is refused
-    // with what to change, before any work.
+    // Its own method named again keeps the recipe.
     let again = String::from_utf8(cfg(&["--method", "vicreg"]).stdout).unwrap();
     assert_eq!(again, c);
-    let moco = cfg(&["--method", "moco"]);
+    // Multi-crop on top; a method without multi-crop is refused with what to change, before
+    // any work.
+    let mc = cfg(&["--local-crops", "4"]);
+    assert_ok(&mc);
+    assert!(String::from_utf8_lossy(&mc.stdout).contains("local_crops = 4"));
+    let moco = cfg(&["--method", "moco", "--local-crops", "2"]);
     assert_eq!(moco.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&moco.stderr).contains("--local-crops 0"));
-    assert_ok(&cfg(&["--method", "moco", "--local-crops", "0"]));
 }
 
 #[test]

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Ablations of the cifar10-cpu-1h preset at a short, equal wall budget (about 10 minutes of
+# training per row on the 2-core development machine): each row is the preset with one change,
+# its epochs chosen so that the row fits the budget at its own speed (a whole schedule, warmup
+# and cosine included, not a cut-off run). Each run ends with the kNN monitor (k=200, T=0.1,
+# full test set, no test-time augmentation); then `selfsup eval knn --tta flip` scores the same
+# checkpoint with flip-averaged features. Prints a Markdown table; docs/results.md holds the
+# measured one. Run on a quiet machine: the wall times are part of the result.
+#
+#   cargo build --release -p selfsup-cli
+#   scripts/cpu-1h-ablation.sh [ROW ...]
+#
+# Rows: proj2048 (VICReg's default 2048-2048-2048 projector, no local crops), proj1024 (the
+# preset's 1024 projector, no local crops), local4 (the preset: 1024 projector + 4 local crops
+# of 16 px), local2 (2 local crops), batch128 (proj1024 at batch 128, lr 0.1 by the LARS
+# rule, twice the steps). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${SELFSUP_BIN:-target/release/selfsup}
+ROOT=${SELFSUP_RUNS:-runs/cpu-1h-ablation}
+ROWS=("$@")
+if [ ${#ROWS[@]} -eq 0 ]; then ROWS=(proj2048 proj1024 local4 local2); fi
+mkdir -p "$ROOT"
+echo "| row | epochs | train wall (s) | images/s | kNN top-1 | kNN top-1, flip TTA |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for row in "${ROWS[@]}"; do
+  case $row in
+    proj2048) args=(--epochs 4 --proj-hidden 2048 --proj-out 2048 --local-crops 0) ;;
+    proj1024) args=(--epochs 6 --local-crops 0) ;;
+    local4) args=(--epochs 3) ;;
+    local2) args=(--epochs 4 --local-crops 2) ;;
+    batch128) args=(--epochs 6 --local-crops 0 --batch-size 128) ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
+  esac
+  out=$ROOT/$row
+  rm -rf "$out"
+  start=$(date +%s)
+  "$BIN" train --preset cifar10-cpu-1h --threads 2 --knn-flip false --knn-every 100 \
+    "${args[@]}" --out "$out" >"$out.log" 2>&1
+  wall=$(( $(date +%s) - start ))
+  knn=$(grep -o '"knn_top1":[0-9.]*' "$out/metrics.jsonl" | tail -1 | cut -d: -f2)
+  ips=$(grep -o 'done: .*' "$out.log" | grep -o '[0-9]* images/s' | cut -d' ' -f1)
+  flip=$("$BIN" eval knn --checkpoint "$out" --tta flip --threads 2 2>/dev/null \
+    | grep -o 'top-1 [0-9.]*%' | cut -d' ' -f2)
+  printf '| %s | %s | %s | %s | %.2f%% | %s |\n' "$row" "${args[1]}" "$wall" "$ips" \
+    "$(echo "$knn * 100" | bc -l)" "$flip"
+done
