@@ -10,26 +10,29 @@
 #   cargo build --release -p selfsup-cli
 #   scripts/cpu-1h-ablation.sh [ROW ...]
 #
-# Rows: proj2048 (VICReg's default 2048-2048-2048 projector, no local crops), proj1024 (the
-# preset's 1024 projector, no local crops), local4 (the preset: 1024 projector + 4 local crops
-# of 16 px), local2 (2 local crops), batch128 (proj1024 at batch 128, lr 0.1 by the LARS
-# rule, twice the steps). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+# Rows: proj1024 (the preset's recipe: VICReg, 1024-1024-1024 projector, batch 256), proj2048
+# (VICReg's default 2048-2048-2048 projector), local4 / local2 (multi-crop: 4 or 2 local
+# crops of 16 px), batch128 (batch 128, lr 0.1 by the LARS rule, twice the steps), barlow
+# (Barlow Twins with the same 1024 projector and LARS), simclr (SimCLR with its cifar10-cpu
+# head 512-128, t 0.5, SGD lr 0.12, weight decay 5e-4). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
 ROOT=${SELFSUP_RUNS:-runs/cpu-1h-ablation}
 ROWS=("$@")
-if [ ${#ROWS[@]} -eq 0 ]; then ROWS=(proj2048 proj1024 local4 local2); fi
+if [ ${#ROWS[@]} -eq 0 ]; then ROWS=(proj2048 proj1024 local4 local2 batch128); fi
 mkdir -p "$ROOT"
 echo "| row | epochs | train wall (s) | images/s | kNN top-1 | kNN top-1, flip TTA |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for row in "${ROWS[@]}"; do
   case $row in
-    proj2048) args=(--epochs 4 --proj-hidden 2048 --proj-out 2048 --local-crops 0) ;;
-    proj1024) args=(--epochs 6 --local-crops 0) ;;
-    local4) args=(--epochs 3) ;;
+    proj2048) args=(--epochs 4 --proj-hidden 2048 --proj-out 2048) ;;
+    proj1024) args=(--epochs 6) ;;
+    local4) args=(--epochs 3 --local-crops 4) ;;
     local2) args=(--epochs 4 --local-crops 2) ;;
-    batch128) args=(--epochs 6 --local-crops 0 --batch-size 128) ;;
+    batch128) args=(--epochs 6 --batch-size 128) ;;
+    barlow) args=(--epochs 6 --method barlow --proj-hidden 1024 --proj-out 1024) ;;
+    simclr) args=(--epochs 8 --method simclr --optimizer sgd --lr 0.12 --weight-decay 5e-4) ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
