@@ -4,8 +4,9 @@ use anyhow::{bail, Result};
 use selfsup_train::optim::OptimizerKind;
 use selfsup_train::TrainConfig;
 
-/// `cifar10-cpu`: small-cnn sized for a 2-core machine. `cifar10-cpu-1h`: the best encoder
-/// measured within one hour on the 2-core machine, training and the final kNN included:
+/// `cifar10-cpu`: small-cnn sized for a 2-core machine. `cifar10-cpu-1h`: the best recipe
+/// measured for an hour on the 2-core machine (sized for 60 minutes at the machine's full
+/// speed, the final kNN included; one measured run took 65 minutes as the machine slowed):
 /// VICReg (LARS, lr 0.2, weight decay 1e-6) with a 1024-1024-1024 projector, batch 256, 35
 /// epochs, the kNN monitor on flip-averaged features every 5 epochs (docs/results.md has the
 /// ablations that chose it). `cifar10-gpu`: ResNet-18 (CIFAR stem),
