@@ -80,26 +80,38 @@ fn balanced_subsets_are_balanced_and_seeded() {
     assert_eq!(balanced_subset(&labels, 0.1, 3).len(), 100);
 }
 
-#[test]
-fn features_keep_no_graph() {
-    let ds = Arc::new(synthetic::stripes(20, 16, 2, 0));
+/// A small-cnn drawn from `seed` (with its `VarMap`) and an evaluation loader over `n` 16 px
+/// stripe images of 2 classes.
+fn small_cnn_and_stripes(
+    n: usize,
+    seed: u64,
+    batch_size: usize,
+    shuffle: bool,
+) -> (candle_nn::VarMap, Box<dyn selfsup_models::Encoder>, Loader) {
+    let ds = Arc::new(synthetic::stripes(n, 16, 2, seed));
     let vm = candle_nn::VarMap::new();
     let enc = build_encoder(
         &EncoderKind::SmallCnn,
-        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+        seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu),
     )
     .unwrap();
     let l = Loader::new(
         ds,
         preset_views(Preset::None, 16, Normalize::cifar10()),
         LoaderConfig {
-            batch_size: 8,
-            shuffle: true,
+            batch_size,
+            shuffle,
             drop_last: false,
             ..Default::default()
         },
     )
     .unwrap();
+    (vm, enc, l)
+}
+
+#[test]
+fn features_keep_no_graph() {
+    let (_vm, enc, l) = small_cnn_and_stripes(20, 0, 8, true);
     let f = extract_features(enc.as_ref(), &l, &Device::Cpu).unwrap();
     assert_eq!(f.x.dims(), &[20, 256]);
     // Outputs of a model with variables carry its graph unless detached (a 24 GiB leak once).
@@ -143,24 +155,7 @@ fn the_linear_probe_refuses_non_finite_features() {
 
 #[test]
 fn flip_tta_averages_each_image_with_its_mirror() {
-    let ds = Arc::new(synthetic::stripes(12, 16, 2, 5));
-    let vm = candle_nn::VarMap::new();
-    let enc = build_encoder(
-        &EncoderKind::SmallCnn,
-        seeded_var_builder(&vm, 1, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    let l = Loader::new(
-        ds,
-        preset_views(Preset::None, 16, Normalize::cifar10()),
-        LoaderConfig {
-            batch_size: 5,
-            shuffle: false,
-            drop_last: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_vm, enc, l) = small_cnn_and_stripes(12, 5, 5, false);
     let plain = extract_features(enc.as_ref(), &l, &Device::Cpu).unwrap();
     let tta = extract_features_tta(enc.as_ref(), &l, &Device::Cpu, Tta::Flip).unwrap();
     // By hand: the mirrored images through the encoder, averaged with the plain features.
