@@ -167,24 +167,18 @@ fn flip_tta_averages_each_image_with_its_mirror() {
     )
     .unwrap();
     let mirrored = flip_horizontal(&x).unwrap();
-    let row: Vec<f32> = x
-        .get(0)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(3)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let mrow: Vec<f32> = mirrored
-        .get(0)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(3)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    // Row 3 of the first channel of the first image, before and after the mirror.
+    let row3 = |t: &Tensor| -> Vec<f32> {
+        t.get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (row, mrow) = (row3(&x), row3(&mirrored));
     assert_eq!(row.iter().rev().copied().collect::<Vec<_>>(), mrow);
     let want = ((&plain.x + enc.features(&mirrored).unwrap()).unwrap() * 0.5).unwrap();
     let (a, b): (Vec<f32>, Vec<f32>) = (
