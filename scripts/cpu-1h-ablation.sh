@@ -14,7 +14,9 @@
 # (VICReg's default 2048-2048-2048 projector), local4 / local2 (multi-crop: 4 or 2 local
 # crops of 16 px), batch128 (batch 128, lr 0.1 by the LARS rule, twice the steps), barlow
 # (Barlow Twins with the same 1024 projector and LARS), simclr (SimCLR with its cifar10-cpu
-# head 512-128, t 0.5, SGD lr 0.12, weight decay 5e-4). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+# head 512-128, t 0.5, SGD lr 0.12, weight decay 5e-4), lr04 (LARS lr 0.4), crop02 (global crops
+# of 20-100% of the image instead of 8-100%), d512 (small-cnn with a 512-wide last layer: 512-d
+# features), w15 (small-cnn 1.5 times as wide in every layer). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -33,6 +35,10 @@ for row in "${ROWS[@]}"; do
     batch128) args=(--epochs 6 --batch-size 128) ;;
     barlow) args=(--epochs 6 --method barlow --proj-hidden 1024 --proj-out 1024) ;;
     simclr) args=(--epochs 8 --method simclr --optimizer sgd --lr 0.12 --weight-decay 5e-4) ;;
+    lr04) args=(--epochs 6 --lr 0.4) ;;
+    crop02) args=(--epochs 6 --crop-min-scale 0.2) ;;
+    d512) args=(--epochs 6 --encoder small-cnn-d512) ;;
+    w15) args=(--epochs 4 --encoder small-cnn-w1.5) ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row

@@ -115,6 +115,13 @@ pub(crate) struct TrainArgs {
     /// kNN monitor on flip-averaged features (each image and its mirror image).
     #[arg(long)]
     pub(crate) knn_flip: Option<bool>,
+    /// Wall-clock budget of a fresh run ("1h", "55m", "3600s"; "0s": off): after the first
+    /// epoch the run fixes its length, at most --epochs, to end inside it.
+    #[arg(long, value_parser = parse_budget)]
+    pub(crate) time_budget: Option<f64>,
+    /// Smallest area of a global view's crop (fraction of the image; default 0.08).
+    #[arg(long)]
+    pub(crate) crop_min_scale: Option<f64>,
     /// Multi-crop: local views per image besides the two global ones (simclr, barlow, vicreg).
     #[arg(long)]
     pub(crate) local_crops: Option<usize>,
@@ -247,6 +254,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         train_subset,
         knn_every,
         knn_flip,
+        crop_min_scale,
         local_crops,
         local_crop_size,
         local_crop_min_scale,
@@ -281,10 +289,20 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     if a.sync_bn {
         cfg.sync_bn = true;
     }
+    if let Some(b) = a.time_budget {
+        cfg.time_budget_s = b;
+    }
     cfg.validate()?;
     check_method_name(&cfg.method)?;
     cfg.encoder.parse::<EncoderKind>()?;
     Ok(cfg)
+}
+
+/// `--time-budget`: a duration ("1h", "55m 30s", "3600s") in seconds.
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| format!("{e} (a duration such as 1h, 55m or 3600s)"))
 }
 
 /// Apply the keys of a TOML document over `base`.

@@ -171,6 +171,22 @@ fn the_one_hour_preset_keeps_its_recipe() {
     let moco = cfg(&["--method", "moco", "--local-crops", "2"]);
     assert_eq!(moco.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&moco.stderr).contains("--local-crops 0"));
+    // A time budget is a duration; the global crop scale a fraction; nonsense exits 2.
+    let b = cfg(&["--time-budget", "55m", "--crop-min-scale", "0.3"]);
+    assert_ok(&b);
+    let s = String::from_utf8_lossy(&b.stdout);
+    assert!(
+        s.contains("time_budget_s = 3300.0") && s.contains("crop_min_scale = 0.3"),
+        "{s}"
+    );
+    for bad in [
+        &["--time-budget", "soon"][..],
+        &["--crop-min-scale", "1.5"],
+        &["--encoder", "small-cnn-w0"],
+    ] {
+        let o = cfg(bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+    }
 }
 
 #[test]

@@ -127,8 +127,12 @@ impl std::str::FromStr for Preset {
     }
 }
 
-fn simclr_base(size: usize, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
-    cropped_base(RandomResizedCrop::new(size), jitter)
+fn simclr_base(size: usize, min_scale: f64, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
+    let crop = RandomResizedCrop {
+        scale: (min_scale, 1.0),
+        ..RandomResizedCrop::new(size)
+    };
+    cropped_base(crop, jitter)
 }
 
 fn cropped_base(crop: RandomResizedCrop, jitter: ColorJitter) -> Vec<Arc<dyn Transform>> {
@@ -211,15 +215,22 @@ pub fn preset_local_view(
     })
 }
 
-/// The views of `preset` for images of side `size`, then `local.count` local views: global
-/// views first, local views last (the order methods rely on).
+/// The views of `preset` for images of side `size`, their random resized crops covering
+/// `min_scale` to all of the image's area (the presets' own: [`DEFAULT_MIN_SCALE`]), then
+/// `local.count` local views: global views first, local views last (the order methods rely on).
 pub fn preset_views_multicrop(
     preset: Preset,
     size: usize,
+    min_scale: f64,
     local: &LocalCrops,
     normalize: Normalize,
 ) -> Result<MultiView> {
-    let mut views = preset_views(preset, size, normalize.clone());
+    if !(min_scale > 0.0 && min_scale <= 1.0) {
+        return Err(Error::Config(format!(
+            "crop min scale must satisfy 0 < min <= 1, got {min_scale}"
+        )));
+    }
+    let mut views = preset_views_scaled(preset, size, min_scale, normalize.clone());
     if local.count > 0 {
         let p = preset_local_view(preset, local, normalize)?;
         views.views.extend(std::iter::repeat(p).take(local.count));
@@ -227,18 +238,31 @@ pub fn preset_views_multicrop(
     Ok(views)
 }
 
+/// The smallest area of a global view's random resized crop, as a fraction of the image, in
+/// every two-view preset (SimCLR's 0.08).
+pub const DEFAULT_MIN_SCALE: f64 = 0.08;
+
 /// The views of a preset for images of side `size`.
 pub fn preset_views(preset: Preset, size: usize, normalize: Normalize) -> MultiView {
+    preset_views_scaled(preset, size, DEFAULT_MIN_SCALE, normalize)
+}
+
+fn preset_views_scaled(
+    preset: Preset,
+    size: usize,
+    min_scale: f64,
+    normalize: Normalize,
+) -> MultiView {
     match preset {
         Preset::SimclrCifar => MultiView::repeat(
             Pipeline {
-                transforms: simclr_base(size, simclr_jitter()),
+                transforms: simclr_base(size, min_scale, simclr_jitter()),
                 normalize,
             },
             2,
         ),
         Preset::SimclrImagenet => {
-            let mut t = simclr_base(size, simclr_jitter());
+            let mut t = simclr_base(size, min_scale, simclr_jitter());
             t.push(Arc::new(GaussianBlur::simclr(size, 0.5)));
             MultiView::repeat(
                 Pipeline {
@@ -256,9 +280,9 @@ pub fn preset_views(preset: Preset, size: usize, normalize: Normalize) -> MultiV
                 hue: 0.1,
                 p: 0.8,
             };
-            let mut v1 = simclr_base(size, jitter.clone());
+            let mut v1 = simclr_base(size, min_scale, jitter.clone());
             v1.push(Arc::new(GaussianBlur::simclr(size, 1.0)));
-            let mut v2 = simclr_base(size, jitter);
+            let mut v2 = simclr_base(size, min_scale, jitter);
             v2.push(Arc::new(GaussianBlur::simclr(size, 0.1)));
             v2.push(Arc::new(Solarize {
                 threshold: 128,

@@ -276,8 +276,8 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
         size: 16,
         scale: (0.1, 0.4),
     };
-    let views =
-        preset_views_multicrop(Preset::SimclrCifar, 32, &local, Normalize::cifar10()).unwrap();
+    let views = preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &local, Normalize::cifar10())
+        .unwrap();
     assert_eq!(views.len(), 5);
     let cfg = LoaderConfig {
         batch_size: 8,
@@ -307,7 +307,7 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
         ..local.clone()
     };
     assert_eq!(
-        preset_views_multicrop(Preset::SimclrCifar, 32, &none, Normalize::cifar10())
+        preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &none, Normalize::cifar10())
             .unwrap()
             .len(),
         2
@@ -343,13 +343,65 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
             "size",
         ),
     ] {
-        let e = preset_views_multicrop(Preset::SimclrCifar, 32, &bad, Normalize::cifar10())
+        let e = preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &bad, Normalize::cifar10())
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{e}");
     }
-    let e = preset_views_multicrop(Preset::CropFlip, 32, &local, Normalize::cifar10())
+    let e = preset_views_multicrop(Preset::CropFlip, 32, 0.08, &local, Normalize::cifar10())
         .unwrap_err()
         .to_string();
     assert!(e.contains("two-view augmentation"), "{e}");
+}
+
+#[test]
+fn the_global_crop_scale_is_a_setting_and_its_default_is_the_presets() {
+    let d = tempfile::tempdir().unwrap();
+    write_fake_cifar(d.path(), 16);
+    let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
+    let none = LocalCrops {
+        count: 0,
+        size: 16,
+        scale: (0.1, 0.4),
+    };
+    let cfg = LoaderConfig {
+        batch_size: 8,
+        threads: 1,
+        ..Default::default()
+    };
+    let views_of = |v: selfsup_data::MultiView| -> Vec<Vec<f32>> {
+        let b = Loader::new(ds.clone(), v, cfg.clone())
+            .unwrap()
+            .epoch(0)
+            .next()
+            .unwrap()
+            .unwrap();
+        b.views
+            .iter()
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    for preset in [Preset::SimclrCifar, Preset::SimclrImagenet, Preset::Byol] {
+        let plain = views_of(preset_views(preset, 32, Normalize::cifar10()));
+        let default = views_of(
+            preset_views_multicrop(
+                preset,
+                32,
+                selfsup_data::DEFAULT_MIN_SCALE,
+                &none,
+                Normalize::cifar10(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(plain, default, "{preset:?}");
+        let larger =
+            views_of(preset_views_multicrop(preset, 32, 0.5, &none, Normalize::cifar10()).unwrap());
+        assert_ne!(plain, larger, "{preset:?}");
+    }
+    for bad in [0.0, -0.1, 1.5, f64::NAN] {
+        let e = preset_views_multicrop(Preset::SimclrCifar, 32, bad, &none, Normalize::cifar10())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("crop min scale"), "{e}");
+    }
 }

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::{ConvnetSeed, Error, ResNet, ResNetConfig, Result, SmallCnn, Stem};
+use crate::{ConvnetSeed, Error, ResNet, ResNetConfig, Result, SmallCnn, Stem, SMALL_CNN_WIDTHS};
 
 /// An image encoder: `(N, 3, H, W)` images to `(N, D)` features.
 ///
@@ -32,6 +32,8 @@ pub enum EncoderKind {
     /// 4 conv3x3 layers 32-64-128-256 with BN + ReLU, max-pool after the first three, global
     /// average pool (D = 256).
     SmallCnn,
+    /// small-cnn's four layers at other channel widths (D = the last one).
+    SmallCnnWidths([usize; 4]),
     /// ResNet-18/34/50 with a stem and a width multiplier.
     ResNet(ResNetConfig),
     /// The seed article's network: conv 5x5 64, ReLU, max-pool 2, flatten, linear to 128.
@@ -41,12 +43,17 @@ pub enum EncoderKind {
 impl FromStr for EncoderKind {
     type Err = Error;
     /// `small-cnn`, `convnet-seed`, `resnet18`, `resnet34`, `resnet50`, optionally with a stem
-    /// and width: `resnet18-imagenet`, `resnet50-cifar-w2`.
+    /// and width: `resnet18-imagenet`, `resnet50-cifar-w2`. small-cnn takes a width
+    /// multiplier for every layer (`small-cnn-w1.5`) and a width for its last layer, the
+    /// feature dimension (`small-cnn-d512`), applied after the multiplier.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "small-cnn" => return Ok(Self::SmallCnn),
             "convnet-seed" => return Ok(Self::ConvnetSeed),
             _ => {}
+        }
+        if let Some(opts) = s.strip_prefix("small-cnn-") {
+            return parse_small_cnn(s, opts);
         }
         let mut parts = s.split('-');
         let depth = match parts.next() {
@@ -55,7 +62,7 @@ impl FromStr for EncoderKind {
             Some("resnet50") => 50,
             _ => {
                 return Err(Error::Config(format!(
-                    "unknown encoder {s:?} (known: small-cnn, convnet-seed, resnet18, resnet34, resnet50, with optional -cifar/-imagenet and -wN)"
+                    "unknown encoder {s:?} (known: small-cnn with optional -wN/-dN, convnet-seed, resnet18, resnet34, resnet50, with optional -cifar/-imagenet and -wN)"
                 )))
             }
         };
@@ -84,11 +91,45 @@ impl FromStr for EncoderKind {
     }
 }
 
+fn parse_small_cnn(s: &str, opts: &str) -> Result<EncoderKind> {
+    let bad = |what: &str| Error::Config(format!("bad {what} in encoder {s:?}"));
+    let mut mult = 1.0f64;
+    let mut last = None;
+    for p in opts.split('-') {
+        if let Some(w) = p.strip_prefix('w') {
+            mult = w.parse().map_err(|_| bad("width multiplier"))?;
+            if !(mult.is_finite() && mult > 0.0 && mult <= 64.0) {
+                return Err(bad("width multiplier (0 < w <= 64)"));
+            }
+        } else if let Some(d) = p.strip_prefix('d') {
+            let d: usize = d.parse().map_err(|_| bad("feature dimension"))?;
+            if d == 0 || d > 65_536 {
+                return Err(bad("feature dimension (1..=65536)"));
+            }
+            last = Some(d);
+        } else {
+            return Err(Error::Config(format!(
+                "unknown small-cnn option {p:?} in {s:?} (known: wN, dN)"
+            )));
+        }
+    }
+    let mut widths = SMALL_CNN_WIDTHS.map(|c| ((c as f64 * mult).round() as usize).max(1));
+    if let Some(d) = last {
+        widths[3] = d;
+    }
+    Ok(if widths == SMALL_CNN_WIDTHS {
+        EncoderKind::SmallCnn
+    } else {
+        EncoderKind::SmallCnnWidths(widths)
+    })
+}
+
 /// Build an encoder of `kind` from `vb` (fresh from [`crate::seeded_var_builder`], or loaded
 /// weights).
 pub fn build_encoder(kind: &EncoderKind, vb: VarBuilder) -> Result<Box<dyn Encoder>> {
     Ok(match kind {
         EncoderKind::SmallCnn => Box::new(SmallCnn::new(vb)?),
+        EncoderKind::SmallCnnWidths(w) => Box::new(SmallCnn::with_widths(*w, vb)?),
         EncoderKind::ResNet(cfg) => Box::new(ResNet::new(cfg, vb)?),
         EncoderKind::ConvnetSeed => Box::new(ConvnetSeed::new(32, vb)?),
     })

@@ -3,6 +3,8 @@
 //! `conv3x3(3->32) BN ReLU maxpool2 | conv3x3(32->64) BN ReLU maxpool2 |
 //! conv3x3(64->128) BN ReLU maxpool2 | conv3x3(128->256) BN ReLU | global average pool`,
 //! D = 256. Convolutions have no bias (BatchNorm follows); names `conv{i}`, `bn{i}`.
+//! [`SmallCnn::with_widths`] builds the same four layers at other widths (`small-cnn-w2`,
+//! `small-cnn-d512` in the encoder registry).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -10,27 +12,41 @@ use candle_nn::VarBuilder;
 use crate::layers::{batch_norm, conv2d, global_avg_pool, BatchNorm, Conv2d};
 use crate::{Encoder, Result};
 
-/// Channel widths of the four layers.
+/// Channel widths of the four layers of the standard `small-cnn`.
 pub const SMALL_CNN_WIDTHS: [usize; 4] = [32, 64, 128, 256];
 
 /// The small CNN.
 #[derive(Clone, Debug)]
 pub struct SmallCnn {
     layers: Vec<(Conv2d, BatchNorm)>,
+    dim: usize,
 }
 
 impl SmallCnn {
-    /// Build from `vb`.
+    /// Build the standard widths ([`SMALL_CNN_WIDTHS`]) from `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
+        Self::with_widths(SMALL_CNN_WIDTHS, vb)
+    }
+
+    /// Build with channel widths `widths` (all positive); D = `widths[3]`.
+    pub fn with_widths(widths: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        if widths.contains(&0) {
+            return Err(crate::Error::Config(format!(
+                "small-cnn widths must be positive, got {widths:?}"
+            )));
+        }
         let mut layers = Vec::new();
         let mut c_in = 3;
-        for (i, &c) in SMALL_CNN_WIDTHS.iter().enumerate() {
+        for (i, &c) in widths.iter().enumerate() {
             let conv = conv2d(c_in, c, 3, 1, 1, false, vb.pp(format!("conv{}", i + 1)))?;
             let bn = batch_norm(c, vb.pp(format!("bn{}", i + 1)))?;
             layers.push((conv, bn));
             c_in = c;
         }
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            dim: widths[3],
+        })
     }
 }
 
@@ -65,6 +81,6 @@ impl Encoder for SmallCnn {
     }
 
     fn feature_dim(&self) -> usize {
-        SMALL_CNN_WIDTHS[3]
+        self.dim
     }
 }

@@ -111,6 +111,47 @@ fn resnet18_imagenet_stem_matches_pytorch() {
 }
 
 #[test]
+fn small_cnn_at_other_widths_matches_pytorch() {
+    check("small_cnn_w05_d48", "small-cnn-w0.5-d48");
+}
+
+#[test]
+fn small_cnn_widths_parse_and_refuse_nonsense() {
+    assert_eq!(
+        "small-cnn-w1".parse::<EncoderKind>().unwrap(),
+        EncoderKind::SmallCnn
+    );
+    assert_eq!(
+        "small-cnn-w1.5".parse::<EncoderKind>().unwrap(),
+        EncoderKind::SmallCnnWidths([48, 96, 192, 384])
+    );
+    assert_eq!(
+        "small-cnn-w2-d256".parse::<EncoderKind>().unwrap(),
+        EncoderKind::SmallCnnWidths([64, 128, 256, 256])
+    );
+    let vm = VarMap::new();
+    let enc = build_encoder(
+        &"small-cnn-d512".parse().unwrap(),
+        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(enc.feature_dim(), 512);
+    let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(enc.features(&x).unwrap().dims(), &[2, 512]);
+    for (bad, want) in [
+        ("small-cnn-w0", "width multiplier"),
+        ("small-cnn-wx", "width multiplier"),
+        ("small-cnn-w1e9", "width multiplier"),
+        ("small-cnn-d0", "feature dimension"),
+        ("small-cnn-d-3", "feature dimension"),
+        ("small-cnn-cifar", "unknown small-cnn option"),
+    ] {
+        let e = bad.parse::<EncoderKind>().unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn resnet50_bottleneck_matches_pytorch() {
     check("resnet50_cifar_w00625", "resnet50-cifar-w0.0625");
 }

@@ -99,6 +99,13 @@ pub struct TrainConfig {
     pub knn_test_subset: usize,
     /// Log a metrics line every N steps.
     pub log_every: usize,
+    /// Wall-clock budget of a fresh run in seconds (0: off): after the first epoch the run
+    /// fixes its number of epochs, at most `epochs`, to end inside the budget (see
+    /// [`crate::budget`]).
+    pub time_budget_s: f64,
+    /// Smallest area of a global view's random resized crop, as a fraction of the image (the
+    /// two-view augmentation presets; SimCLR's 0.08).
+    pub crop_min_scale: f64,
     /// Multi-crop: local views per image besides the two global views (0: off). Methods whose
     /// loss compares projections (simclr, barlow, vicreg) take them.
     pub local_crops: usize,
@@ -161,6 +168,8 @@ impl Default for TrainConfig {
             knn_temperature: 0.1,
             knn_test_subset: 0,
             log_every: 20,
+            time_budget_s: 0.0,
+            crop_min_scale: selfsup_data::DEFAULT_MIN_SCALE,
             local_crops: 0,
             local_crop_size: 16,
             local_crop_min_scale: 0.1,
@@ -318,6 +327,18 @@ impl TrainConfig {
             self.local_crops_config()
                 .validate()
                 .map_err(|e| Error::Config(format!("local crops: {e}")))?;
+        }
+        if !(self.time_budget_s.is_finite() && self.time_budget_s >= 0.0) {
+            return bad(format!(
+                "time_budget_s must be a number of seconds >= 0 (0: off), got {}",
+                self.time_budget_s
+            ));
+        }
+        if !(self.crop_min_scale > 0.0 && self.crop_min_scale <= 1.0) {
+            return bad(format!(
+                "crop_min_scale must satisfy 0 < scale <= 1, got {}",
+                self.crop_min_scale
+            ));
         }
         // The kNN monitor's settings fail here, not after the first epoch.
         if self.knn_every > 0 {

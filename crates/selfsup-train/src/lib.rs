@@ -10,6 +10,7 @@
 //! seed, so a run killed after epoch `k` and resumed ends bit-identical to one never stopped.
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod checkpoint;
 mod config;
 mod lock;

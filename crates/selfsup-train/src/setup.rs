@@ -279,6 +279,12 @@ pub fn estimated_peak_bytes(cfg: &TrainConfig, world: usize) -> Result<f64> {
     const MIB: f64 = 1024.0 * 1024.0;
     let (per_view, params) = match &kind {
         EncoderKind::SmallCnn => (1.2 * MIB, 0.4e6),
+        EncoderKind::SmallCnnWidths(w) => {
+            // Activations scale with the widths, parameters with products of neighbours.
+            let act = w.iter().sum::<usize>() as f64 / 480.0;
+            let p = (27 * w[0] + 9 * (w[0] * w[1] + w[1] * w[2] + w[2] * w[3])) as f64;
+            (1.2 * MIB * act, p)
+        }
         EncoderKind::ConvnetSeed => (1.0 * MIB, 2.2e6),
         EncoderKind::ResNet(r) => {
             let (act, p) = match r.depth {
@@ -374,6 +380,7 @@ pub fn build_trainer_with_dist(
         preset_views_multicrop(
             preset,
             cfg.image_size,
+            cfg.crop_min_scale,
             &cfg.local_crops_config(),
             data.normalize.clone(),
         )?,

@@ -11,6 +11,7 @@ use selfsup_dist::Comm;
 use selfsup_eval::{extract_features_tta, knn, KnnConfig, Tta};
 use selfsup_methods::{Method, ENCODER_PREFIX};
 
+use crate::budget::{fit_epochs, EpochCosts};
 use crate::checkpoint::{self, TrainState};
 use crate::optim::{lr_at, Optim, OptimConfig, Param};
 use crate::{Error, Result, TrainConfig};
@@ -480,12 +481,16 @@ impl Trainer {
             None
         };
         let per_epoch = self.loader.num_batches() as u64;
-        let total = per_epoch * self.cfg.epochs as u64;
+        let mut total = per_epoch * self.cfg.epochs as u64;
         let warmup = (self.cfg.warmup_epochs * per_epoch as f64).round() as u64;
-        let end = match stop_after {
-            Some(k) => (self.epoch + k).min(self.cfg.epochs),
-            None => self.cfg.epochs,
+        let end_at = |epochs: usize, from: usize| match stop_after {
+            Some(k) => (from + k).min(epochs),
+            None => epochs,
         };
+        let first_epoch = self.epoch;
+        let mut end = end_at(self.cfg.epochs, first_epoch);
+        // A fresh run with a time budget fits its length after the first epoch.
+        let fitting = self.cfg.time_budget_s > 0.0 && self.step == 0;
         let mut summary = Summary::default();
         let started = Instant::now();
         let (mut images, mut waited) = (0usize, 0f64);
@@ -616,10 +621,74 @@ impl Trainer {
             let wall = t_epoch.elapsed().as_secs_f64();
             let mean_loss = loss_sum / n_batches.max(1) as f64;
             self.epoch += 1;
+            let calibrate = fitting && self.epoch == 1;
+            // The budget's calibration epoch measures a kNN evaluation too.
             let knn_due = self.cfg.knn_every > 0
-                && (self.epoch % self.cfg.knn_every == 0 || self.epoch == self.cfg.epochs);
+                && (self.epoch % self.cfg.knn_every == 0
+                    || self.epoch == self.cfg.epochs
+                    || calibrate);
             // Every rank extracts its share of the features; rank 0 votes.
+            let t_knn = Instant::now();
             let knn_res = if knn_due { self.knn_eval()? } else { None };
+            let knn_s = if knn_due {
+                t_knn.elapsed().as_secs_f64()
+            } else {
+                0.0
+            };
+            if calibrate {
+                let costs = EpochCosts {
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                    epoch_s: wall,
+                    knn_s,
+                };
+                // Rank 0 decides for every rank.
+                let mut n = [if writer {
+                    fit_epochs(
+                        self.cfg.time_budget_s,
+                        costs,
+                        self.epoch,
+                        self.cfg.epochs,
+                        self.cfg.knn_every,
+                    ) as f64
+                } else {
+                    0.0
+                }];
+                self.comm.all_reduce_sum_f64(&mut n)?;
+                let fitted = n[0] as usize;
+                if writer {
+                    tracing::info!(
+                        "time budget {:.0} s: the first epoch took {:.0} s, a kNN evaluation {:.0} s; training {fitted} epochs (at most {})",
+                        self.cfg.time_budget_s,
+                        costs.epoch_s,
+                        costs.knn_s,
+                        self.cfg.epochs
+                    );
+                    let line = serde_json::json!({
+                        "kind": "budget", "budget_s": self.cfg.time_budget_s,
+                        "elapsed_s": costs.elapsed_s, "epoch_s": costs.epoch_s,
+                        "knn_s": costs.knn_s, "max_epochs": self.cfg.epochs, "epochs": fitted,
+                    });
+                    if let Some(metrics) = metrics.as_mut() {
+                        writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                            path: metrics_path.clone(),
+                            source,
+                        })?;
+                    }
+                }
+                self.cfg.epochs = fitted;
+                total = per_epoch * fitted as u64;
+                end = end_at(fitted, first_epoch);
+                if writer {
+                    // Before the checkpoint: a resumed run finds the fitted length.
+                    crate::write_atomic(
+                        &self.run_dir.join("config.toml"),
+                        self.cfg.to_toml().as_bytes(),
+                    )?;
+                }
+                if let Some(p) = progress.as_mut() {
+                    p.start(total, self.step);
+                }
+            }
             if let Some((t1, _)) = knn_res {
                 self.last_knn = Some(t1);
                 summary.knn.push((self.epoch, t1));
