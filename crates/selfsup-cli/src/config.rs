@@ -119,6 +119,10 @@ pub(crate) struct TrainArgs {
     /// epoch the run fixes its length, at most --epochs, to end inside it.
     #[arg(long, value_parser = parse_budget)]
     pub(crate) time_budget: Option<f64>,
+    /// Side of the global training views (default: the image size); evaluation sees whole
+    /// images at the image size.
+    #[arg(long)]
+    pub(crate) crop_size: Option<usize>,
     /// Smallest area of a global view's crop (fraction of the image; default 0.08).
     #[arg(long)]
     pub(crate) crop_min_scale: Option<f64>,
@@ -254,6 +258,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         train_subset,
         knn_every,
         knn_flip,
+        crop_size,
         crop_min_scale,
         local_crops,
         local_crop_size,

@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub train_subset: usize,
     /// Image side (32 for CIFAR-10).
     pub image_size: usize,
+    /// Side of the global training views (0: `image_size`). Smaller views train faster; the
+    /// kNN monitor and every evaluation still see whole images at `image_size`.
+    pub crop_size: usize,
     /// Augmentation preset (`simclr_cifar`, `simclr_imagenet`, `byol`).
     pub augment: String,
     /// Epochs.
@@ -132,6 +135,7 @@ impl Default for TrainConfig {
             sha256: String::new(),
             train_subset: 0,
             image_size: 32,
+            crop_size: 0,
             augment: "simclr_cifar".into(),
             epochs: 10,
             batch_size: 256,
@@ -254,6 +258,15 @@ impl TrainConfig {
 
     /// Methods that take local views (multi-crop) besides the two global views.
     pub const MULTI_CROP_METHODS: [&'static str; 3] = ["simclr", "barlow", "vicreg"];
+
+    /// The side of the global training views: `crop_size`, or `image_size` when 0.
+    pub fn global_view_size(&self) -> usize {
+        if self.crop_size == 0 {
+            self.image_size
+        } else {
+            self.crop_size
+        }
+    }
 
     /// The multi-crop settings for the data pipeline.
     pub fn local_crops_config(&self) -> selfsup_data::LocalCrops {

@@ -379,7 +379,7 @@ pub fn build_trainer_with_dist(
         train.clone(),
         preset_views_multicrop(
             preset,
-            cfg.image_size,
+            cfg.global_view_size(),
             cfg.crop_min_scale,
             &cfg.local_crops_config(),
             data.normalize.clone(),
@@ -438,6 +438,9 @@ fn encoder_takes(
         .first()
         .map_or(DType::F32, |v| v.dtype());
     let mut sizes = vec![("image_size", cfg.image_size)];
+    if cfg.global_view_size() != cfg.image_size {
+        sizes.push(("crop_size", cfg.crop_size));
+    }
     if cfg.local_crops > 0 {
         sizes.push(("local_crop_size", cfg.local_crop_size));
     }

@@ -1,6 +1,7 @@
-//! A time-budgeted run fits its length after the first epoch, writes it to config.toml, and is
-//! otherwise the run with that many epochs; a resumed run keeps the fitted length. The global
-//! crop scale is a setting that changes what the run learns.
+//! The options the one-hour CPU recipe is built from, through the trainer. A time-budgeted run
+//! fits its length after the first epoch, writes it to config.toml, and is otherwise the run
+//! with that many epochs; a resumed run keeps the fitted length. The global crop scale and the
+//! global view size are settings that change what the run learns.
 
 use std::sync::Arc;
 
@@ -160,4 +161,26 @@ fn the_global_crop_scale_changes_what_is_learned() {
         build_trainer(&c, data()).unwrap().fit(None).unwrap();
     }
     assert_ne!(weights(a.path()), weights(b.path()));
+}
+
+#[test]
+fn smaller_global_views_train_and_the_monitor_sees_whole_images() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (dir, size) in [(a.path(), 0), (b.path(), 16)] {
+        let c = TrainConfig {
+            crop_size: size,
+            knn_every: 1,
+            ..cfg(dir, 1, 0.0)
+        };
+        let s = build_trainer(&c, data()).unwrap().fit(None).unwrap();
+        assert_eq!(s.knn.len(), 1);
+    }
+    assert_ne!(weights(a.path()), weights(b.path()));
+    // A view too small for the encoder's three poolings is refused before any work.
+    let c = TrainConfig {
+        crop_size: 4,
+        ..cfg(a.path(), 1, 0.0)
+    };
+    let e = build_trainer(&c, data()).err().unwrap().to_string();
+    assert!(e.contains("crop_size 4 does not fit"), "{e}");
 }
