@@ -155,7 +155,11 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "optimizer = \"lars\"",
         "proj_hidden = 1024",
         "proj_out = 1024",
-        "epochs = 35",
+        "epochs = 60",
+        "time_budget_s = 3420.0",
+        "warmup_epochs = 1.0",
+        "crop_size = 24",
+        "crop_min_scale = 0.2",
         "knn_flip = true",
     ] {
         assert!(c.contains(want), "{want} missing from\n{c}");
