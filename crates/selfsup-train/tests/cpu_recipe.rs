@@ -3,22 +3,11 @@
 //! with that many epochs; a resumed run keeps the fitted length. The global crop scale and the
 //! global view size are settings that change what the run learns.
 
-use std::sync::Arc;
+mod common;
 
-use selfsup_data::{synthetic, Normalize};
-use selfsup_train::setup::{build_trainer, RunData};
-use selfsup_train::{checkpoint, TrainConfig};
-
-fn data() -> RunData {
-    RunData {
-        train: Arc::new(synthetic::stripes(64, 32, 4, 1)),
-        test: Some(Arc::new(synthetic::stripes(16, 32, 4, 2))),
-        normalize: Normalize {
-            mean: [0.5; 3],
-            std: [0.25; 3],
-        },
-    }
-}
+use common::{checkpoint_bits as weights, stripes_data as data};
+use selfsup_train::setup::build_trainer;
+use selfsup_train::TrainConfig;
 
 fn cfg(out: &std::path::Path, epochs: usize, budget_s: f64) -> TrainConfig {
     let mut c = TrainConfig {
@@ -42,19 +31,6 @@ fn cfg(out: &std::path::Path, epochs: usize, budget_s: f64) -> TrainConfig {
         time_budget_s: budget_s,
         ..c
     }
-}
-
-fn weights(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
-    let w = checkpoint::read_tensors(&dir.join("checkpoint/model.safetensors")).unwrap();
-    let mut v: Vec<_> = w
-        .iter()
-        .map(|(k, t)| {
-            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            (k.clone(), x.iter().map(|f| f.to_bits()).collect())
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn saved_epochs(dir: &std::path::Path) -> usize {

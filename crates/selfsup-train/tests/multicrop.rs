@@ -1,22 +1,11 @@
 //! Multi-crop through the trainer: local views train, resume exactly, and are refused where
 //! they cannot work; the kNN monitor with flip test-time augmentation.
 
-use std::sync::Arc;
+mod common;
 
-use selfsup_data::{synthetic, Normalize};
-use selfsup_train::setup::{build_trainer, RunData};
-use selfsup_train::{checkpoint, TrainConfig};
-
-fn data() -> RunData {
-    RunData {
-        train: Arc::new(synthetic::stripes(64, 32, 4, 1)),
-        test: Some(Arc::new(synthetic::stripes(16, 32, 4, 2))),
-        normalize: Normalize {
-            mean: [0.5; 3],
-            std: [0.25; 3],
-        },
-    }
-}
+use common::{checkpoint_bits as weights, stripes_data as data};
+use selfsup_train::setup::build_trainer;
+use selfsup_train::TrainConfig;
 
 fn cfg(out: &std::path::Path, local_crops: usize) -> TrainConfig {
     let mut c = TrainConfig {
@@ -41,19 +30,6 @@ fn cfg(out: &std::path::Path, local_crops: usize) -> TrainConfig {
         log_every: 1,
         ..c
     }
-}
-
-fn weights(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
-    let w = checkpoint::read_tensors(&dir.join("checkpoint/model.safetensors")).unwrap();
-    let mut v: Vec<_> = w
-        .iter()
-        .map(|(k, t)| {
-            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            (k.clone(), x.iter().map(|f| f.to_bits()).collect())
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

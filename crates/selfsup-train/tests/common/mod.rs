@@ -1,0 +1,34 @@
+//! Helpers shared by the trainer's integration tests.
+
+use std::sync::Arc;
+
+use selfsup_data::{synthetic, Normalize};
+use selfsup_train::checkpoint;
+use selfsup_train::setup::RunData;
+
+/// 64 striped training images and 16 test images of 32 px, 4 classes.
+pub fn stripes_data() -> RunData {
+    RunData {
+        train: Arc::new(synthetic::stripes(64, 32, 4, 1)),
+        test: Some(Arc::new(synthetic::stripes(16, 32, 4, 2))),
+        normalize: Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+    }
+}
+
+/// A run folder's checkpointed weights as bit patterns, sorted by name: equal means equal to
+/// the bit.
+pub fn checkpoint_bits(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let w = checkpoint::read_tensors(&dir.join("checkpoint/model.safetensors")).unwrap();
+    let mut v: Vec<_> = w
+        .iter()
+        .map(|(k, t)| {
+            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (k.clone(), x.iter().map(|f| f.to_bits()).collect())
+        })
+        .collect();
+    v.sort();
+    v
+}
