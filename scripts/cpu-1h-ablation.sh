@@ -17,8 +17,8 @@
 # head 512-128, t 0.5, SGD lr 0.12, weight decay 5e-4), lr04 (LARS lr 0.4), crop02 / crop035
 # (global crops of 20-100% / 35-100% of the image instead of 8-100%), d512 (small-cnn with a
 # 512-wide last layer: 512-d features), w15 (small-cnn 1.5 times as wide in every layer),
-# crop24 (global views of 24 px instead of 32: cheaper steps, more epochs; evaluation on whole
-# 32 px images). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+# crop24 / crop20 (global views of 24 / 20 px instead of 32: cheaper steps, more epochs;
+# evaluation on whole 32 px images). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -47,6 +47,7 @@ for row in "${ROWS[@]}"; do
     d512) args=(--epochs 6 --encoder small-cnn-d512) ;;
     w15) args=(--epochs 4 --encoder small-cnn-w1.5) ;;
     crop24) args=(--epochs 9); size=24 ;;
+    crop20) args=(--epochs 11); size=20 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
