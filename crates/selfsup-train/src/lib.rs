@@ -3,7 +3,8 @@
 //! The training loop for any [`selfsup_methods::Method`]: optimisers that own their state
 //! ([`optim`]: SGD with momentum/Nesterov, AdamW, LARS; warmup + cosine schedule; gradient
 //! clipping), checkpoints written atomically after every epoch ([`checkpoint`]), exact resume,
-//! metrics as JSON lines, a kNN monitor, and a clear stop on a non-finite loss.
+//! metrics as JSON lines, a kNN monitor, runs fitted to a wall-clock budget ([`budget`]), and a
+//! clear stop on a non-finite loss.
 //!
 //! Design choice: the optimiser state, the schedule position and the data order are all
 //! functions of what a checkpoint stores (weights, optimiser tensors, epoch and step) and of the
