@@ -3,17 +3,12 @@
 
 mod common;
 
-use common::{checkpoint_bits as weights, stripes_data as data};
+use common::{checkpoint_bits as weights, stripes_data as data, vicreg_batch16};
 use selfsup_train::setup::build_trainer;
 use selfsup_train::TrainConfig;
 
 fn cfg(out: &std::path::Path, local_crops: usize) -> TrainConfig {
-    let mut c = TrainConfig {
-        batch_size: 16,
-        out: out.to_str().unwrap().to_string(),
-        ..Default::default()
-    };
-    c.apply_method_defaults("vicreg");
+    let c = vicreg_batch16(out);
     TrainConfig {
         epochs: 2,
         lr: 0.1,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use selfsup_data::{synthetic, Normalize};
 use selfsup_train::checkpoint;
 use selfsup_train::setup::RunData;
+use selfsup_train::TrainConfig;
 
 /// 64 striped training images and 16 test images of 32 px, 4 classes.
 pub fn stripes_data() -> RunData {
@@ -31,4 +32,15 @@ pub fn checkpoint_bits(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
         .collect();
     v.sort();
     v
+}
+
+/// VICReg with its defaults, batch 16, writing into `out`: the base the tests change.
+pub fn vicreg_batch16(out: &std::path::Path) -> TrainConfig {
+    let mut c = TrainConfig {
+        batch_size: 16,
+        out: out.to_str().unwrap().to_string(),
+        ..Default::default()
+    };
+    c.apply_method_defaults("vicreg");
+    c
 }
