@@ -18,7 +18,9 @@
 # (global crops of 20-100% / 35-100% of the image instead of 8-100%), d512 (small-cnn with a
 # 512-wide last layer: 512-d features), w15 (small-cnn 1.5 times as wide in every layer),
 # crop24 / crop20 (global views of 24 / 20 px instead of 32: cheaper steps, more epochs;
-# evaluation on whole 32 px images). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+# evaluation on whole 32 px images); v24s02 (the preset's views: 24 px from 20-100% of the
+# image, 9 epochs), v20s02 (20 px from 20-100%, 11 epochs), v24s035 (24 px from 35-100%, 9
+# epochs). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -48,6 +50,9 @@ for row in "${ROWS[@]}"; do
     w15) args=(--epochs 4 --encoder small-cnn-w1.5) ;;
     crop24) args=(--epochs 9); size=24 ;;
     crop20) args=(--epochs 11); size=20 ;;
+    v24s02) args=(--epochs 9); size=24 scale=0.2 ;;
+    v20s02) args=(--epochs 11); size=20 scale=0.2 ;;
+    v24s035) args=(--epochs 9); size=24 scale=0.35 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
