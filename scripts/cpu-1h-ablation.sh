@@ -20,7 +20,8 @@
 # crop24 / crop20 (global views of 24 / 20 px instead of 32: cheaper steps, more epochs;
 # evaluation on whole 32 px images); v24s02 (the preset's views: 24 px from 20-100% of the
 # image, 9 epochs), v20s02 (20 px from 20-100%, 11 epochs), v24s035 (24 px from 35-100%, 9
-# epochs). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
+# epochs), and from v24s02: wd1e4 (weight decay 1e-4, solo-learn's VICReg setting, instead of
+# 1e-6), lr01 (LARS lr 0.1). SELFSUP_RUNS: the runs' folder (runs/cpu-1h-ablation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -53,6 +54,8 @@ for row in "${ROWS[@]}"; do
     v24s02) args=(--epochs 9); size=24 scale=0.2 ;;
     v20s02) args=(--epochs 11); size=20 scale=0.2 ;;
     v24s035) args=(--epochs 9); size=24 scale=0.35 ;;
+    wd1e4) args=(--epochs 9 --weight-decay 1e-4); size=24 scale=0.2 ;;
+    lr01) args=(--epochs 9 --lr 0.1); size=24 scale=0.2 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row

@@ -116,7 +116,8 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     pub(crate) knn_flip: Option<bool>,
     /// Wall-clock budget of a fresh run ("1h", "55m", "3600s"; "0s": off): after the first
-    /// epoch the run fixes its length, at most --epochs, to end inside it.
+    /// epoch the run fits its length, at most --epochs, to end inside it, and refits it after
+    /// every later epoch.
     #[arg(long, value_parser = parse_budget)]
     pub(crate) time_budget: Option<f64>,
     /// Side of the global training views (default: the image size); evaluation sees whole

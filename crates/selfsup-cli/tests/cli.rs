@@ -156,7 +156,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "proj_hidden = 1024",
         "proj_out = 1024",
         "epochs = 60",
-        "time_budget_s = 3420.0",
+        "time_budget_s = 3540.0",
         "warmup_epochs = 1.0",
         "crop_size = 24",
         "crop_min_scale = 0.2",

@@ -1,14 +1,18 @@
 //! Fitting a run's length to a wall-clock budget.
 //!
 //! A run with `time_budget_s > 0` trains its first epoch under the configured (provisional)
-//! length, measures what an epoch and a kNN evaluation cost on this machine, and then fixes
-//! the number of epochs once: the most that end, the kNN evaluations due and the final one
-//! included, inside the budget less a safety margin ([`BUDGET_MARGIN`]). The cosine schedule
-//! and everything after the first epoch use that length; the learning-rate warmup does not
-//! depend on it, so when the warmup covers the first epoch (and the method has no
-//! length-dependent momentum schedule) the run is step for step the run with `--epochs N`.
-//! The fitted length is written to the run's config.toml, so a resumed run keeps it; a
-//! resumed run never refits.
+//! length, measures what an epoch and a kNN evaluation cost on this machine, and fixes the
+//! number of epochs: the most that end, the kNN evaluations due and the final one included,
+//! inside the budget less a safety margin ([`BUDGET_MARGIN`]). After every later epoch it
+//! refits from the mean costs so far ([`refit_epochs`]): the run is shortened as soon as the
+//! machine got slower than the length allows, and lengthened (never past the configured
+//! epochs) at kNN epochs when it got faster, so that a calibration epoch slower or faster than
+//! the run's mean neither wastes the budget nor overruns it. The cosine schedule follows the
+//! current length; the learning-rate warmup does not depend on it, so when the warmup covers
+//! the first epoch, the method has no length-dependent momentum schedule and no refit changed
+//! the length, the run is step for step the run with `--epochs N`. Every length is written to
+//! the run's config.toml and metrics.jsonl (`"kind":"budget"`), so a resumed run keeps the
+//! last one; a resumed run never refits.
 
 /// The share of the budget kept free for a machine that slows down during the run.
 pub const BUDGET_MARGIN: f64 = 0.05;
@@ -35,7 +39,51 @@ pub fn fit_epochs(
     max_epochs: usize,
     knn_every: usize,
 ) -> usize {
-    let avail = budget_s * (1.0 - BUDGET_MARGIN) - c.elapsed_s;
+    fit_with_margin(budget_s, BUDGET_MARGIN, c, done, max_epochs, knn_every)
+}
+
+/// The length after epoch `done` of a run fitted to `current` epochs, from the mean costs so
+/// far: shortened as soon as `current` no longer fits the budget less half the margin (to the
+/// most that do), lengthened to [`fit_epochs`] only where `grow` (the trainer's kNN epochs),
+/// otherwise `current`. The two thresholds keep noise in the costs from moving the schedule
+/// back and forth.
+pub fn refit_epochs(
+    current: usize,
+    budget_s: f64,
+    c: EpochCosts,
+    done: usize,
+    max_epochs: usize,
+    knn_every: usize,
+    grow: bool,
+) -> usize {
+    let keep = fit_with_margin(
+        budget_s,
+        BUDGET_MARGIN / 2.0,
+        c,
+        done,
+        max_epochs,
+        knn_every,
+    );
+    if keep < current {
+        return keep;
+    }
+    let fit = fit_epochs(budget_s, c, done, max_epochs, knn_every);
+    if grow && fit > current {
+        fit
+    } else {
+        current
+    }
+}
+
+fn fit_with_margin(
+    budget_s: f64,
+    margin: f64,
+    c: EpochCosts,
+    done: usize,
+    max_epochs: usize,
+    knn_every: usize,
+) -> usize {
+    let avail = budget_s * (1.0 - margin) - c.elapsed_s;
     let cost = |n: usize| -> f64 {
         // Epochs done+1 ..= n, each with its kNN evaluation where one is due.
         let knns = if knn_every == 0 || n == done {
@@ -73,5 +121,29 @@ mod tests {
         // The configured epochs cap the fit; a budget already spent leaves the epoch done.
         assert_eq!(fit_epochs(1000.0, c, 1, 4, 5), 4);
         assert_eq!(fit_epochs(100.0, c, 1, 100, 5), 1);
+    }
+
+    #[test]
+    fn refits_shorten_at_once_and_lengthen_only_when_allowed() {
+        // After 10 epochs and 2 kNN evaluations: 1060 s spent, 100 s an epoch, 30 s a kNN.
+        let c = EpochCosts {
+            elapsed_s: 1060.0,
+            epoch_s: 100.0,
+            knn_s: 30.0,
+        };
+        // Budget 3000 s: less 5%, 1790 s left: epochs 11-26 (1600 s) and kNN after 15, 20, 25
+        // and 26 (120 s) = 1720 s; 27 epochs would cost 1850 s.
+        assert_eq!(fit_epochs(3000.0, c, 10, 100, 5), 26);
+        // Less 2.5%, 1865 s: 27 epochs (1850 s) still fit, so a run fitted to 27 keeps them.
+        assert_eq!(refit_epochs(27, 3000.0, c, 10, 100, 5, false), 27);
+        assert_eq!(refit_epochs(27, 3000.0, c, 10, 100, 5, true), 27);
+        // 30 epochs no longer fit: shortened to the most that fit less half the margin.
+        assert_eq!(refit_epochs(30, 3000.0, c, 10, 100, 5, false), 27);
+        // A run fitted to 20 grows to 26 only where allowed, and never past the cap.
+        assert_eq!(refit_epochs(20, 3000.0, c, 10, 100, 5, false), 20);
+        assert_eq!(refit_epochs(20, 3000.0, c, 10, 100, 5, true), 26);
+        assert_eq!(refit_epochs(20, 3000.0, c, 10, 24, 5, true), 24);
+        // A spent budget ends the run now.
+        assert_eq!(refit_epochs(20, 1000.0, c, 10, 100, 5, false), 10);
     }
 }

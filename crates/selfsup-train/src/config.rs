@@ -103,8 +103,8 @@ pub struct TrainConfig {
     /// Log a metrics line every N steps.
     pub log_every: usize,
     /// Wall-clock budget of a fresh run in seconds (0: off): after the first epoch the run
-    /// fixes its number of epochs, at most `epochs`, to end inside the budget (see
-    /// [`crate::budget`]).
+    /// fits its number of epochs, at most `epochs`, to end inside the budget, and refits it
+    /// after every later epoch (see [`crate::budget`]).
     pub time_budget_s: f64,
     /// Smallest area of a global view's random resized crop, as a fraction of the image (the
     /// two-view augmentation presets; SimCLR's 0.08).

@@ -11,7 +11,7 @@ use selfsup_dist::Comm;
 use selfsup_eval::{extract_features_tta, knn, KnnConfig, Tta};
 use selfsup_methods::{Method, ENCODER_PREFIX};
 
-use crate::budget::{fit_epochs, EpochCosts};
+use crate::budget::{fit_epochs, refit_epochs, EpochCosts};
 use crate::checkpoint::{self, TrainState};
 use crate::optim::{lr_at, Optim, OptimConfig, Param};
 use crate::{Error, Result, TrainConfig};
@@ -443,6 +443,79 @@ impl Trainer {
         Ok(Some(knn(&bank_x, &bl, &test_x, &tl, m.classes, cfg)?))
     }
 
+    /// The budget's length for the costs measured so far: the first fit (`refit` None) or a
+    /// refit that may lengthen the run (`Some(true)`) or only shorten it (`Some(false)`).
+    /// Rank 0 decides for every rank.
+    fn decide_length(
+        &self,
+        costs: EpochCosts,
+        max_epochs: usize,
+        refit: Option<bool>,
+        writer: bool,
+    ) -> Result<usize> {
+        let (budget, done, every) = (self.cfg.time_budget_s, self.epoch, self.cfg.knn_every);
+        let mut n = [if writer {
+            (match refit {
+                None => fit_epochs(budget, costs, done, max_epochs, every),
+                Some(grow) => refit_epochs(
+                    self.cfg.epochs,
+                    budget,
+                    costs,
+                    done,
+                    max_epochs,
+                    every,
+                    grow,
+                ),
+            }) as f64
+        } else {
+            0.0
+        }];
+        self.comm.all_reduce_sum_f64(&mut n)?;
+        Ok(n[0] as usize)
+    }
+
+    /// Fix the run's length at `fitted` epochs: logged, a `"kind":"budget"` metrics line, and
+    /// the run's config.toml rewritten before the next checkpoint (a resumed run keeps it).
+    fn set_length(
+        &mut self,
+        fitted: usize,
+        max_epochs: usize,
+        costs: EpochCosts,
+        writer: bool,
+        metrics: &mut Option<std::fs::File>,
+        metrics_path: &std::path::Path,
+    ) -> Result<()> {
+        if writer {
+            tracing::info!(
+                "time budget {:.0} s after epoch {} ({:.0} s spent; an epoch takes {:.0} s, a kNN evaluation {:.0} s): training {fitted} epochs",
+                self.cfg.time_budget_s,
+                self.epoch,
+                costs.elapsed_s,
+                costs.epoch_s,
+                costs.knn_s,
+            );
+            let line = serde_json::json!({
+                "kind": "budget", "budget_s": self.cfg.time_budget_s, "epoch": self.epoch,
+                "elapsed_s": costs.elapsed_s, "epoch_s": costs.epoch_s,
+                "knn_s": costs.knn_s, "max_epochs": max_epochs, "epochs": fitted,
+            });
+            if let Some(metrics) = metrics.as_mut() {
+                writeln!(metrics, "{line}").map_err(|source| Error::Io {
+                    path: metrics_path.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        self.cfg.epochs = fitted;
+        if writer {
+            crate::write_atomic(
+                &self.run_dir.join("config.toml"),
+                self.cfg.to_toml().as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Train until `cfg.epochs` (or `stop_after` more epochs), checkpointing after every epoch.
     pub fn fit(&mut self, stop_after: Option<usize>) -> Result<Summary> {
         self.hold_run()?;
@@ -491,6 +564,9 @@ impl Trainer {
         let mut end = end_at(self.cfg.epochs, first_epoch);
         // A fresh run with a time budget fits its length after the first epoch.
         let fitting = self.cfg.time_budget_s > 0.0 && self.step == 0;
+        // The configured epochs cap every fit; kNN seconds spent and evaluations so far.
+        let max_epochs = self.cfg.epochs;
+        let mut knn_spent = (0f64, 0usize);
         let mut summary = Summary::default();
         let started = Instant::now();
         let (mut images, mut waited) = (0usize, 0f64);
@@ -621,6 +697,35 @@ impl Trainer {
             let wall = t_epoch.elapsed().as_secs_f64();
             let mean_loss = loss_sum / n_batches.max(1) as f64;
             self.epoch += 1;
+            // A budgeted run refits its length at every later epoch end, before deciding on
+            // this epoch's kNN evaluation, from the mean costs so far: it shortens the run
+            // whenever the machine turned slower, and lengthens it (up to the configured
+            // epochs) only at kNN epochs, so that the schedule moves rarely.
+            if fitting && self.epoch > 1 && self.epoch < self.cfg.epochs {
+                let elapsed_s = started.elapsed().as_secs_f64();
+                let costs = EpochCosts {
+                    elapsed_s,
+                    epoch_s: (elapsed_s - knn_spent.0) / self.epoch as f64,
+                    knn_s: knn_spent.0 / knn_spent.1.max(1) as f64,
+                };
+                let grow = self.cfg.knn_every == 0 || self.epoch % self.cfg.knn_every == 0;
+                let fitted = self.decide_length(costs, max_epochs, Some(grow), writer)?;
+                if fitted != self.cfg.epochs {
+                    self.set_length(
+                        fitted,
+                        max_epochs,
+                        costs,
+                        writer,
+                        &mut metrics,
+                        &metrics_path,
+                    )?;
+                    total = per_epoch * fitted as u64;
+                    end = end_at(fitted, first_epoch);
+                    if let Some(p) = progress.as_mut() {
+                        p.start(total, self.step);
+                    }
+                }
+            }
             let calibrate = fitting && self.epoch == 1;
             // The budget's calibration epoch measures a kNN evaluation too.
             let knn_due = self.cfg.knn_every > 0
@@ -635,56 +740,26 @@ impl Trainer {
             } else {
                 0.0
             };
+            if knn_due {
+                knn_spent = (knn_spent.0 + knn_s, knn_spent.1 + 1);
+            }
             if calibrate {
                 let costs = EpochCosts {
                     elapsed_s: started.elapsed().as_secs_f64(),
                     epoch_s: wall,
                     knn_s,
                 };
-                // Rank 0 decides for every rank.
-                let mut n = [if writer {
-                    fit_epochs(
-                        self.cfg.time_budget_s,
-                        costs,
-                        self.epoch,
-                        self.cfg.epochs,
-                        self.cfg.knn_every,
-                    ) as f64
-                } else {
-                    0.0
-                }];
-                self.comm.all_reduce_sum_f64(&mut n)?;
-                let fitted = n[0] as usize;
-                if writer {
-                    tracing::info!(
-                        "time budget {:.0} s: the first epoch took {:.0} s, a kNN evaluation {:.0} s; training {fitted} epochs (at most {})",
-                        self.cfg.time_budget_s,
-                        costs.epoch_s,
-                        costs.knn_s,
-                        self.cfg.epochs
-                    );
-                    let line = serde_json::json!({
-                        "kind": "budget", "budget_s": self.cfg.time_budget_s,
-                        "elapsed_s": costs.elapsed_s, "epoch_s": costs.epoch_s,
-                        "knn_s": costs.knn_s, "max_epochs": self.cfg.epochs, "epochs": fitted,
-                    });
-                    if let Some(metrics) = metrics.as_mut() {
-                        writeln!(metrics, "{line}").map_err(|source| Error::Io {
-                            path: metrics_path.clone(),
-                            source,
-                        })?;
-                    }
-                }
-                self.cfg.epochs = fitted;
+                let fitted = self.decide_length(costs, max_epochs, None, writer)?;
+                self.set_length(
+                    fitted,
+                    max_epochs,
+                    costs,
+                    writer,
+                    &mut metrics,
+                    &metrics_path,
+                )?;
                 total = per_epoch * fitted as u64;
                 end = end_at(fitted, first_epoch);
-                if writer {
-                    // Before the checkpoint: a resumed run finds the fitted length.
-                    crate::write_atomic(
-                        &self.run_dir.join("config.toml"),
-                        self.cfg.to_toml().as_bytes(),
-                    )?;
-                }
                 if let Some(p) = progress.as_mut() {
                     p.start(total, self.step);
                 }
