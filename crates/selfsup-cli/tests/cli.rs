@@ -159,7 +159,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "time_budget_s = 3540.0",
         "warmup_epochs = 1.0",
         "crop_size = 24",
-        "crop_min_scale = 0.2",
+        "crop_min_scale = 0.35",
         "knn_flip = true",
     ] {
         assert!(c.contains(want), "{want} missing from\n{c}");
