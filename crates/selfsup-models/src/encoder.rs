@@ -34,6 +34,13 @@ pub enum EncoderKind {
     SmallCnn,
     /// small-cnn's four layers at other channel widths (D = the last one).
     SmallCnnWidths([usize; 4]),
+    /// small-cnn with a max-pool after only its first `pools` layers (fewer than 3).
+    SmallCnnPools {
+        /// Channel widths of the four layers.
+        widths: [usize; 4],
+        /// Layers followed by a 2x2 max-pool.
+        pools: usize,
+    },
     /// ResNet-18/34/50 with a stem and a width multiplier.
     ResNet(ResNetConfig),
     /// The seed article's network: conv 5x5 64, ReLU, max-pool 2, flatten, linear to 128.
@@ -44,8 +51,9 @@ impl FromStr for EncoderKind {
     type Err = Error;
     /// `small-cnn`, `convnet-seed`, `resnet18`, `resnet34`, `resnet50`, optionally with a stem
     /// and width: `resnet18-imagenet`, `resnet50-cifar-w2`. small-cnn takes a width
-    /// multiplier for every layer (`small-cnn-w1.5`) and a width for its last layer, the
-    /// feature dimension (`small-cnn-d512`), applied after the multiplier.
+    /// multiplier for every layer (`small-cnn-w1.5`), a width for its last layer, the
+    /// feature dimension (`small-cnn-d512`), applied after the multiplier, and the number of
+    /// max-pools (`small-cnn-p2`: after the first two layers only).
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "small-cnn" => return Ok(Self::SmallCnn),
@@ -62,7 +70,7 @@ impl FromStr for EncoderKind {
             Some("resnet50") => 50,
             _ => {
                 return Err(Error::Config(format!(
-                    "unknown encoder {s:?} (known: small-cnn with optional -wN/-dN, convnet-seed, resnet18, resnet34, resnet50, with optional -cifar/-imagenet and -wN)"
+                    "unknown encoder {s:?} (known: small-cnn with optional -wN/-dN/-pN, convnet-seed, resnet18, resnet34, resnet50, with optional -cifar/-imagenet and -wN)"
                 )))
             }
         };
@@ -95,6 +103,7 @@ fn parse_small_cnn(s: &str, opts: &str) -> Result<EncoderKind> {
     let bad = |what: &str| Error::Config(format!("bad {what} in encoder {s:?}"));
     let mut mult = 1.0f64;
     let mut last = None;
+    let mut pools = crate::small_cnn::SMALL_CNN_POOLS;
     for p in opts.split('-') {
         if let Some(w) = p.strip_prefix('w') {
             mult = w.parse().map_err(|_| bad("width multiplier"))?;
@@ -107,9 +116,14 @@ fn parse_small_cnn(s: &str, opts: &str) -> Result<EncoderKind> {
                 return Err(bad("feature dimension (1..=65536)"));
             }
             last = Some(d);
+        } else if let Some(n) = p.strip_prefix('p') {
+            pools = n.parse().map_err(|_| bad("max-pool count"))?;
+            if pools > crate::small_cnn::SMALL_CNN_POOLS {
+                return Err(bad("max-pool count (0..=3)"));
+            }
         } else {
             return Err(Error::Config(format!(
-                "unknown small-cnn option {p:?} in {s:?} (known: wN, dN)"
+                "unknown small-cnn option {p:?} in {s:?} (known: wN, dN, pN)"
             )));
         }
     }
@@ -117,7 +131,9 @@ fn parse_small_cnn(s: &str, opts: &str) -> Result<EncoderKind> {
     if let Some(d) = last {
         widths[3] = d;
     }
-    Ok(if widths == SMALL_CNN_WIDTHS {
+    Ok(if pools != crate::small_cnn::SMALL_CNN_POOLS {
+        EncoderKind::SmallCnnPools { widths, pools }
+    } else if widths == SMALL_CNN_WIDTHS {
         EncoderKind::SmallCnn
     } else {
         EncoderKind::SmallCnnWidths(widths)
@@ -130,6 +146,9 @@ pub fn build_encoder(kind: &EncoderKind, vb: VarBuilder) -> Result<Box<dyn Encod
     Ok(match kind {
         EncoderKind::SmallCnn => Box::new(SmallCnn::new(vb)?),
         EncoderKind::SmallCnnWidths(w) => Box::new(SmallCnn::with_widths(*w, vb)?),
+        EncoderKind::SmallCnnPools { widths, pools } => {
+            Box::new(SmallCnn::with_pools(*widths, *pools, vb)?)
+        }
         EncoderKind::ResNet(cfg) => Box::new(ResNet::new(cfg, vb)?),
         EncoderKind::ConvnetSeed => Box::new(ConvnetSeed::new(32, vb)?),
     })

@@ -4,7 +4,9 @@
 //! conv3x3(64->128) BN ReLU maxpool2 | conv3x3(128->256) BN ReLU | global average pool`,
 //! D = 256. Convolutions have no bias (BatchNorm follows); names `conv{i}`, `bn{i}`.
 //! [`SmallCnn::with_widths`] builds the same four layers at other widths (`small-cnn-w2`,
-//! `small-cnn-d512` in the encoder registry).
+//! `small-cnn-d512` in the encoder registry); [`SmallCnn::with_pools`] keeps only the first
+//! `pools` max-pools (`small-cnn-p2`: the last layer sees a 6x6 map of a 24 px view instead of
+//! 3x3, for about twice the FLOPs).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -20,7 +22,12 @@ pub const SMALL_CNN_WIDTHS: [usize; 4] = [32, 64, 128, 256];
 pub struct SmallCnn {
     layers: Vec<(Conv2d, BatchNorm)>,
     dim: usize,
+    /// Layers followed by a 2x2 max-pool (the first `pools`; 3 in the standard network).
+    pools: usize,
 }
+
+/// Max-pools of the standard `small-cnn` (after each of its first three layers).
+pub const SMALL_CNN_POOLS: usize = 3;
 
 impl SmallCnn {
     /// Build the standard widths ([`SMALL_CNN_WIDTHS`]) from `vb`.
@@ -30,6 +37,17 @@ impl SmallCnn {
 
     /// Build with channel widths `widths` (all positive); D = `widths[3]`.
     pub fn with_widths(widths: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        Self::with_pools(widths, SMALL_CNN_POOLS, vb)
+    }
+
+    /// Build with channel widths `widths` and a 2x2 max-pool after each of the first `pools`
+    /// layers (0 to 3).
+    pub fn with_pools(widths: [usize; 4], pools: usize, vb: VarBuilder) -> Result<Self> {
+        if pools > SMALL_CNN_POOLS {
+            return Err(crate::Error::Config(format!(
+                "small-cnn has at most {SMALL_CNN_POOLS} max-pools, got {pools}"
+            )));
+        }
         if widths.contains(&0) {
             return Err(crate::Error::Config(format!(
                 "small-cnn widths must be positive, got {widths:?}"
@@ -46,6 +64,7 @@ impl SmallCnn {
         Ok(Self {
             layers,
             dim: widths[3],
+            pools,
         })
     }
 }
@@ -56,7 +75,7 @@ impl SmallCnn {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
             let z = conv.forward_t(&x, train)?;
-            x = if i < 3 {
+            x = if i < self.pools {
                 // One op on the CPU that keeps no copy of the rectified tensor.
                 bn.forward_relu_max_pool(&z, train, 2, 2, 0)?
             } else {

@@ -279,9 +279,19 @@ pub fn estimated_peak_bytes(cfg: &TrainConfig, world: usize) -> Result<f64> {
     const MIB: f64 = 1024.0 * 1024.0;
     let (per_view, params) = match &kind {
         EncoderKind::SmallCnn => (1.2 * MIB, 0.4e6),
-        EncoderKind::SmallCnnWidths(w) => {
-            // Activations scale with the widths, parameters with products of neighbours.
-            let act = w.iter().sum::<usize>() as f64 / 480.0;
+        EncoderKind::SmallCnnWidths(w) | EncoderKind::SmallCnnPools { widths: w, .. } => {
+            // Activations scale with the widths (and 4x per layer past the last max-pool),
+            // parameters with products of neighbours.
+            let pools = match &kind {
+                EncoderKind::SmallCnnPools { pools, .. } => *pools,
+                _ => 3,
+            };
+            let act = w
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as f64 * 4f64.powi(i.saturating_sub(pools) as i32))
+                .sum::<f64>()
+                / 480.0;
             let p = (27 * w[0] + 9 * (w[0] * w[1] + w[1] * w[2] + w[2] * w[3])) as f64;
             (1.2 * MIB * act, p)
         }
