@@ -97,9 +97,13 @@ pub(crate) struct TrainArgs {
     /// Seed for weights, data order and augmentations.
     #[arg(long)]
     pub(crate) seed: Option<u64>,
-    /// Threads (0: one per core).
+    /// Threads per rank (0: the cores shared by the ranks on this machine).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// Data-parallel ranks as threads of this process (1: none): each trains on batch / ranks
+    /// images with its own threads, as under mpirun, without MPI.
+    #[arg(long)]
+    pub(crate) ranks: Option<usize>,
     /// cpu or cuda:N.
     #[arg(long)]
     pub(crate) device: Option<String>,
@@ -254,6 +258,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         temperature,
         seed,
         threads,
+        ranks,
         device,
         out,
         train_subset,

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
+use selfsup_dist::Communicator;
 use selfsup_train::setup::build_trainer_dist;
 use selfsup_train::{checkpoint, TrainConfig};
 
@@ -12,8 +13,21 @@ use crate::{config::*, data::*, set_threads};
 
 pub(crate) fn train(a: &TrainArgs) -> Result<()> {
     let mode: selfsup_dist::Mode = a.dist.parse()?;
+    if !a.print_config {
+        let ranks = effective_config(a)?.ranks;
+        if ranks > 1 {
+            let launched = selfsup_dist::launcher_world_size().unwrap_or(1);
+            if mode == selfsup_dist::Mode::Mpi || (mode == selfsup_dist::Mode::Auto && launched > 1)
+            {
+                bail!(
+                    "ranks = {ranks} runs its ranks as threads of one process; under mpirun / srun (or --dist mpi) every process is one rank, so leave ranks at 1 there"
+                );
+            }
+            return train_local(a, ranks);
+        }
+    }
     let comm = selfsup_dist::init(mode)?;
-    let r = train_on(a, comm.clone());
+    let r = train_on(a, comm.clone(), None);
     if let (Err(e), true) = (&r, comm.world_size() > 1) {
         // Stop every rank now: the others would wait in their next collective forever.
         let msg = format!("{e:#}").replace('\n', " ");
@@ -25,6 +39,56 @@ pub(crate) fn train(a: &TrainArgs) -> Result<()> {
         comm.abort(2);
     }
     r
+}
+
+/// Data parallelism inside this process: `ranks` threads over a [`selfsup_dist::LocalGroup`],
+/// each the whole trainer of one rank (`batch / ranks` images of every global batch) with its
+/// kernels on a pool of its own threads. Small encoders train faster so on a few cores than
+/// one process whose every op is split across the cores: the ranks synchronise a few times
+/// per step instead of inside every op (docs/scaling.md has the measurements).
+fn train_local(a: &TrainArgs, ranks: usize) -> Result<()> {
+    let cfg = effective_config(a)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if cfg.threads == 0 {
+        (cores / ranks).max(1)
+    } else {
+        cfg.threads
+    };
+    if ranks * threads > cores {
+        bail!(
+            "{ranks} ranks x {threads} threads is more than this machine's {cores} cores (--threads is per rank)"
+        );
+    }
+    // candle sizes its own thread pool and its matrix products from RAYON_NUM_THREADS: per rank.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let group = selfsup_dist::LocalGroup::new(ranks)?;
+    std::thread::scope(|s| {
+        for member in group {
+            s.spawn(move || {
+                let rank = member.rank();
+                let run = std::panic::AssertUnwindSafe(|| -> Result<()> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |i| format!("selfsup-rank{rank}-{i}"))
+                        .build()?;
+                    pool.install(|| train_on(a, Arc::new(member), Some(threads)))
+                });
+                // A rank that fails stops the process: the others would wait in their next
+                // collective forever (what MPI_Abort does for processes).
+                let code = match std::panic::catch_unwind(run) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
+                        let msg = format!("{e:#}").replace('\n', " ");
+                        eprintln!("error: rank {rank} of {ranks}: {msg}");
+                        2
+                    }
+                    Err(_) => 101,
+                };
+                std::process::exit(code);
+            });
+        }
+    });
+    Ok(())
 }
 
 /// `folder:PATH` with an absolute path (other dataset names as they are), so that a run's saved
@@ -104,7 +168,13 @@ pub(crate) fn threads_per_rank(world: usize) -> usize {
     (cores / local).max(1)
 }
 
-pub(crate) fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
+/// One rank's run (the only one in one process). `local_threads`: this rank is a thread of
+/// [`train_local`] and its compute threads are set up already.
+pub(crate) fn train_on(
+    a: &TrainArgs,
+    comm: selfsup_dist::Comm,
+    local_threads: Option<usize>,
+) -> Result<()> {
     let mut cfg = effective_config(a)?;
     if a.print_config {
         print!("{}", cfg.to_toml());
@@ -114,7 +184,9 @@ pub(crate) fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
     if !a.resume {
         absolute_paths(&mut cfg)?;
     }
-    if world > 1 && cfg.threads == 0 {
+    if let Some(t) = local_threads {
+        cfg.threads = t;
+    } else if world > 1 && cfg.threads == 0 {
         cfg.threads = threads_per_rank(world);
     }
     if world > 1 && cfg.batch_size % world != 0 {
@@ -144,11 +216,13 @@ pub(crate) fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
             cfg.threads
         );
     }
-    let need = selfsup_train::setup::estimated_peak_bytes(&cfg, world)?;
+    // Ranks that are threads of this process share its memory.
+    let local_ranks = if local_threads.is_some() { world } else { 1 };
+    let need = selfsup_train::setup::estimated_peak_bytes(&cfg, world)? * local_ranks as f64;
     if let Some(have) = total_memory_bytes() {
         if need > have as f64 {
             bail!(
-                "this run needs about {:.1} GiB per process (encoder {}, image size {}, batch {} per rank), more than the machine's {:.1} GiB",
+                "this run needs about {:.1} GiB per process (encoder {}, image size {}, batch {} per rank, {local_ranks} ranks in the process), more than the machine's {:.1} GiB",
                 need / 1073741824.0,
                 cfg.encoder,
                 cfg.image_size,
@@ -157,7 +231,9 @@ pub(crate) fn train_on(a: &TrainArgs, comm: selfsup_dist::Comm) -> Result<()> {
             );
         }
     }
-    set_threads(cfg.threads);
+    if local_threads.is_none() {
+        set_threads(cfg.threads);
+    }
     let out = Path::new(&cfg.out);
     if !a.resume {
         // A new run goes into an empty folder or one that only a stopped run used.

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 mod common;
 
-use common::{assert_ok, write_folder, BIN};
+use common::{assert_ok, assert_same_training, losses, model, setup, train_args, BIN};
 
 /// `mpirun -np n selfsup ...`, allowed to run as root and on more ranks than cores (CI).
 fn mpirun(n: usize) -> Command {
@@ -27,85 +27,6 @@ fn mpirun(n: usize) -> Command {
     .env("OMPI_MCA_mpi_yield_when_idle", "1")
     .arg(BIN);
     c
-}
-
-fn train_args(imgs: &Path, run: &Path, method: &str, epochs: usize) -> Vec<String> {
-    [
-        "train",
-        "--method",
-        method,
-        "--dataset",
-        &format!("folder:{}", imgs.display()),
-        "--epochs",
-        &epochs.to_string(),
-        "--batch-size",
-        "16",
-        "--threads",
-        "1",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.05",
-        "--warmup-epochs",
-        "0",
-        "--queue-size",
-        "32",
-        "--proj-hidden",
-        "32",
-        "--proj-out",
-        "16",
-        "--out",
-        run.to_str().unwrap(),
-        "--config",
-        imgs.parent().unwrap().join("small.toml").to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn setup() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    write_folder(&d.path().join("imgs"));
-    std::fs::write(
-        d.path().join("small.toml"),
-        "image_size = 16\nlog_every = 1\nknn_every = 0\n",
-    )
-    .unwrap();
-    d
-}
-
-fn model(run: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(run.join("checkpoint/model.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "step")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
-}
-
-/// `||a - b|| / max(||a - prev||, 1e-3 ||a||)`: how far two runs ended apart, against how far
-/// the reference moved in its last epoch (`prev`: its previous checkpoint, `checkpoint.old`).
-fn deviation(a: &Tensor, b: &Tensor, prev: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let (a, b, p) = (f(a), f(b), f(prev));
-    let n = |t: Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let scale = n((&a - &p).unwrap()).max(1e-3 * n(a.clone())).max(1e-12);
-    n((&a - &b).unwrap()) / scale
 }
 
 fn two_ranks_equal_one(method: &str) {
@@ -136,37 +57,7 @@ fn two_ranks_equal_one(method: &str) {
             .count(),
         1
     );
-    let (l1, l2) = (losses(&one), losses(&two));
-    assert_eq!(l1.len(), 6, "3 steps x 2 epochs");
-    assert_eq!(l1.len(), l2.len());
-    for (a, b) in l1.iter().zip(&l2) {
-        assert!(
-            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-            "{method}: loss {a} vs {b}"
-        );
-    }
-    let (m1, m2) = (model(&one), model(&two));
-    let prev =
-        candle_core::safetensors::load(one.join("checkpoint.old/model.safetensors"), &Device::Cpu)
-            .unwrap();
-    assert_eq!(m1.len(), m2.len());
-    let mut worst = 0f64;
-    for (name, t) in &m1 {
-        if name.ends_with("num_batches_tracked") {
-            continue;
-        }
-        worst = worst.max(deviation(t, &m2[name], &prev[name]));
-        // Against the tensor's last-epoch update (the in-process tests, selfsup-train
-        // tests/dist.rs, measure it against the whole run's update, with 1e-2): f32 last-bit
-        // differences, and the rare max-pool / ReLU tie they flip, stay far below it; a wrong
-        // gather or gradient scale moves tensors by their whole update.
-        let r = deviation(t, &m2[name], &prev[name]);
-        assert!(
-            r < 5e-2,
-            "{method}: {name} deviates by {r:.2e} of its update (1 process vs 2 ranks)"
-        );
-    }
-    eprintln!("{method}: worst deviation {worst:.2e}");
+    assert_same_training(method, &one, &two, "2 ranks");
 }
 
 #[test]

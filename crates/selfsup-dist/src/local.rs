@@ -1,12 +1,12 @@
 //! Ranks as threads of one process: a test double for the collectives' maths.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, RwLock};
 
 use crate::{check_gather, check_root, Communicator, Error, Result};
 
 struct Shared {
     barrier: Barrier,
-    slots: Vec<Mutex<Vec<u8>>>,
+    slots: Vec<RwLock<Vec<u8>>>,
 }
 
 /// One rank of a group of threads that share memory. Build the group with
@@ -37,7 +37,7 @@ impl LocalGroup {
         }
         let shared = Arc::new(Shared {
             barrier: Barrier::new(world),
-            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+            slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
         });
         Ok((0..world)
             .map(|rank| LocalGroup {
@@ -49,29 +49,42 @@ impl LocalGroup {
 
     /// Publish `bytes` as this rank's slot, wait for all, run `read` over all slots, wait again
     /// (so that no slot is overwritten while someone still reads it).
-    fn exchange<T>(&self, bytes: &[u8], read: impl FnOnce(&[Mutex<Vec<u8>>]) -> T) -> T {
-        {
-            let mut slot = self.shared.slots[self.rank].lock().unwrap();
-            slot.clear();
-            slot.extend_from_slice(bytes);
-        }
+    fn exchange<T>(&self, bytes: &[u8], read: impl FnOnce(&[RwLock<Vec<u8>>]) -> T) -> T {
+        self.publish(bytes);
+        self.read_all(read)
+    }
+
+    fn publish(&self, bytes: &[u8]) {
+        let mut slot = self.shared.slots[self.rank].write().unwrap();
+        slot.clear();
+        slot.extend_from_slice(bytes);
+    }
+
+    fn read_all<T>(&self, read: impl FnOnce(&[RwLock<Vec<u8>>]) -> T) -> T {
         self.shared.barrier.wait();
         let out = read(&self.shared.slots);
         self.shared.barrier.wait();
         out
     }
 
+    /// Every rank publishes its buffer once and sums all of them in rank order, reading the
+    /// others' slots in place (all ranks read at once): one copy per rank, whatever the world.
     fn reduce<T: bytemuck::Pod + std::ops::Add<Output = T>>(
         &self,
         op: &'static str,
         buf: &mut [T],
     ) -> Result<()> {
         let n = buf.len();
-        let mine: Vec<u8> = bytemuck::cast_slice(buf).to_vec();
-        self.exchange(&mine, |slots| {
-            let parts: Vec<Vec<T>> = slots
+        self.publish(bytemuck::cast_slice(buf));
+        self.read_all(|slots| {
+            let guards: Vec<_> = slots.iter().map(|s| s.read().unwrap()).collect();
+            // A slot's bytes are aligned for T unless the allocator says otherwise; then a copy.
+            let parts: Vec<std::borrow::Cow<[T]>> = guards
                 .iter()
-                .map(|s| bytemuck::pod_collect_to_vec(&s.lock().unwrap()))
+                .map(|g| match bytemuck::try_cast_slice::<u8, T>(g) {
+                    Ok(v) => std::borrow::Cow::Borrowed(v),
+                    Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(g)),
+                })
                 .collect();
             if parts.iter().any(|p| p.len() != n) {
                 return Err(Error::Comm {
@@ -109,7 +122,7 @@ impl Communicator for LocalGroup {
         let n = local.len();
         self.exchange(local, |slots| {
             for (r, s) in slots.iter().enumerate() {
-                let s = s.lock().unwrap();
+                let s = s.read().unwrap();
                 if s.len() != n {
                     return Err(Error::Comm {
                         op: "all-gather",
@@ -129,7 +142,7 @@ impl Communicator for LocalGroup {
             vec![]
         };
         self.exchange(&mine, |slots| {
-            let s = slots[root].lock().unwrap();
+            let s = slots[root].read().unwrap();
             if s.len() != buf.len() {
                 return Err(Error::Comm {
                     op: "broadcast",

@@ -116,6 +116,11 @@ fn small_cnn_at_other_widths_matches_pytorch() {
 }
 
 #[test]
+fn small_cnn_with_two_max_pools_matches_pytorch() {
+    check("small_cnn_w05_p2", "small-cnn-w0.5-p2");
+}
+
+#[test]
 fn small_cnn_widths_parse_and_refuse_nonsense() {
     assert_eq!(
         "small-cnn-w1".parse::<EncoderKind>().unwrap(),
@@ -128,6 +133,17 @@ fn small_cnn_widths_parse_and_refuse_nonsense() {
     assert_eq!(
         "small-cnn-w2-d256".parse::<EncoderKind>().unwrap(),
         EncoderKind::SmallCnnWidths([64, 128, 256, 256])
+    );
+    assert_eq!(
+        "small-cnn-p3".parse::<EncoderKind>().unwrap(),
+        EncoderKind::SmallCnn
+    );
+    assert_eq!(
+        "small-cnn-p2".parse::<EncoderKind>().unwrap(),
+        EncoderKind::SmallCnnPools {
+            widths: [32, 64, 128, 256],
+            pools: 2
+        }
     );
     let vm = VarMap::new();
     let enc = build_encoder(
@@ -145,6 +161,8 @@ fn small_cnn_widths_parse_and_refuse_nonsense() {
         ("small-cnn-d0", "feature dimension"),
         ("small-cnn-d-3", "feature dimension"),
         ("small-cnn-cifar", "unknown small-cnn option"),
+        ("small-cnn-p4", "max-pool count"),
+        ("small-cnn-px", "max-pool count"),
     ] {
         let e = bad.parse::<EncoderKind>().unwrap_err().to_string();
         assert!(e.contains(want), "{bad}: {e}");

@@ -84,8 +84,14 @@ pub struct TrainConfig {
     pub color_target: String,
     /// Seed for weights, order and augmentations.
     pub seed: u64,
-    /// Worker threads for data and compute (0: one per core).
+    /// Worker threads for data and compute (0: one per core; with several ranks on a node, the
+    /// node's cores shared by its ranks).
     pub threads: usize,
+    /// Data-parallel ranks as threads of this one process (1: none). Each rank trains on
+    /// `batch_size / ranks` images of every global batch with its own `threads`, exactly as
+    /// `mpirun -np ranks` would (the same collectives over shared memory); under an MPI
+    /// launcher each process is one rank and this must be 1.
+    pub ranks: usize,
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// Run folder.
@@ -164,6 +170,7 @@ impl Default for TrainConfig {
             color_target: "bins".into(),
             seed: 0,
             threads: 0,
+            ranks: 1,
             device: "cpu".into(),
             out: "runs/simclr".into(),
             knn_every: 1,
@@ -282,6 +289,15 @@ impl TrainConfig {
         let bad = |m: String| Err(Error::Config(m));
         if self.epochs == 0 {
             return bad("epochs must be positive".into());
+        }
+        if self.ranks == 0 || self.ranks > 1024 {
+            return bad(format!("ranks must be 1 to 1024, got {}", self.ranks));
+        }
+        if self.ranks > 1 && self.batch_size % self.ranks != 0 {
+            return bad(format!(
+                "batch size {} is the global batch and must be a multiple of the {} ranks",
+                self.batch_size, self.ranks
+            ));
         }
         if self.batch_size < 2 {
             return bad(format!(

@@ -39,9 +39,9 @@ pub struct Machine {
     pub cpu: String,
     /// Cores this process may use.
     pub cores: usize,
-    /// Compute threads per process (rayon's pool).
+    /// Compute threads per rank (rayon's pool).
     pub threads: usize,
-    /// Processes (data-parallel ranks).
+    /// Data-parallel ranks (processes, or threads of one process with `--ranks`).
     pub ranks: usize,
     /// Memory (`MemTotal`), GiB.
     pub memory_gib: f64,
