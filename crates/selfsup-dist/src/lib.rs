@@ -7,7 +7,7 @@
 //! | implementation | where | for |
 //! | --- | --- | --- |
 //! | [`Single`] | always | one process (the default; every collective is the identity) |
-//! | [`LocalGroup`] | always | ranks as threads of one process: a test double for fast unit tests of the gather / reduce maths, never the way users run |
+//! | [`LocalGroup`] | always | ranks as threads of one process (`selfsup train --ranks N`: data parallelism on one machine without MPI), and the fast tests of the gather / reduce maths |
 //! | `MpiComm` | `mpi` feature | processes started by `mpirun` / `srun`, over the system's MPI (rsmpi) |
 //!
 //! Design choice: the engine is always an existing one (MPI for CPUs; NCCL is the seam for

@@ -1,4 +1,5 @@
-//! Ranks as threads of one process: a test double for the collectives' maths.
+//! Ranks as threads of one process: `selfsup train --ranks N`, and the tests of the collectives'
+//! maths.
 
 use std::sync::{Arc, Barrier, RwLock};
 
@@ -12,8 +13,9 @@ struct Shared {
 /// One rank of a group of threads that share memory. Build the group with
 /// [`LocalGroup::new`] and move one member into each thread.
 ///
-/// Reductions add the ranks' buffers in rank order, so every rank gets the same bits. Only for
-/// tests: a rank that panics leaves the others waiting at the next collective.
+/// Reductions add the ranks' buffers in rank order, so every rank gets the same bits. A rank that
+/// stops leaves the others waiting at the next collective: whoever runs the ranks ends the
+/// process when one fails (the CLI does), and [`Communicator::abort`] panics.
 #[derive(Clone)]
 pub struct LocalGroup {
     rank: usize,
