@@ -3,12 +3,10 @@
 //! a killed rank stops the job.
 #![cfg(feature = "mpi")]
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 
 mod common;
 
