@@ -101,7 +101,8 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     pub(crate) threads: Option<usize>,
     /// Data-parallel ranks as threads of this process (1: none): each trains on batch / ranks
-    /// images with its own threads, as under mpirun, without MPI.
+    /// images with its own threads, as under mpirun, without MPI. 0: one rank per --threads
+    /// cores (per core by default; needs --sync-bn; 1 under mpirun).
     #[arg(long)]
     pub(crate) ranks: Option<usize>,
     /// cpu or cuda:N.

@@ -14,11 +14,14 @@ use crate::{config::*, data::*, set_threads};
 pub(crate) fn train(a: &TrainArgs) -> Result<()> {
     let mode: selfsup_dist::Mode = a.dist.parse()?;
     if !a.print_config {
-        let ranks = effective_config(a)?.ranks;
+        let cfg = effective_config(a)?;
+        let launched = selfsup_dist::launcher_world_size().unwrap_or(1);
+        let under_launcher =
+            mode == selfsup_dist::Mode::Mpi || (mode == selfsup_dist::Mode::Auto && launched > 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ranks = cfg.local_ranks(cores, under_launcher);
         if ranks > 1 {
-            let launched = selfsup_dist::launcher_world_size().unwrap_or(1);
-            if mode == selfsup_dist::Mode::Mpi || (mode == selfsup_dist::Mode::Auto && launched > 1)
-            {
+            if under_launcher {
                 bail!(
                     "ranks = {ranks} runs its ranks as threads of one process; under mpirun / srun (or --dist mpi) every process is one rank, so leave ranks at 1 there"
                 );

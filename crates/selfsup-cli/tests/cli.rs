@@ -161,6 +161,8 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "crop_size = 24",
         "crop_min_scale = 0.35",
         "knn_flip = true",
+        "ranks = 0",
+        "sync_bn = true",
     ] {
         assert!(c.contains(want), "{want} missing from\n{c}");
     }

@@ -56,6 +56,35 @@ fn vicreg_on_two_thread_ranks_equals_one_process() {
 }
 
 #[test]
+fn automatic_ranks_take_one_core_each() {
+    let d = setup();
+    let imgs = d.path().join("imgs");
+    let run = d.path().join("run");
+    let out = Command::new(BIN)
+        .args(train_args(&imgs, &run, "simclr", 1))
+        .args(["--sync-bn", "--ranks", "0"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    // One rank per core (one thread each), the most up to the cores that divide the batch of 16.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let want = (1..=cores.min(16)).rev().find(|r| 16 % r == 0).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if want > 1 {
+        let line = format!("rank 1 of {want} (local): {} images per rank", 16 / want);
+        assert!(err.contains(&line), "{err}");
+    }
+    let record = std::fs::read_to_string(run.join("record.jsonl")).unwrap();
+    assert!(
+        record.contains(&format!("\"threads\":1,\"ranks\":{want}")),
+        "{record}"
+    );
+    // The run folder keeps the automatic setting for a resume on another machine.
+    let toml = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(toml.contains("ranks = 0"), "{toml}");
+}
+
+#[test]
 fn resume_under_two_thread_ranks_is_bit_identical() {
     let d = setup();
     let imgs = d.path().join("imgs");
@@ -139,7 +168,8 @@ fn refused(extra: &[&str], want: &str) {
 
 #[test]
 fn bad_rank_settings_are_refused() {
-    refused(&["--ranks", "0"], "ranks must be 1 to 1024");
+    refused(&["--ranks", "2000"], "ranks must be 1 to 1024");
+    refused(&["--ranks", "0"], "needs sync_bn");
     refused(&["--ranks", "3"], "must be a multiple of the 3 ranks");
     refused(
         &["--ranks", "2", "--threads", "100000"],

@@ -90,7 +90,9 @@ pub struct TrainConfig {
     /// Data-parallel ranks as threads of this one process (1: none). Each rank trains on
     /// `batch_size / ranks` images of every global batch with its own `threads`, exactly as
     /// `mpirun -np ranks` would (the same collectives over shared memory); under an MPI
-    /// launcher each process is one rank and this must be 1.
+    /// launcher each process is one rank and this must be 1. 0: automatic, one rank per
+    /// `threads` cores of this machine ([`TrainConfig::local_ranks`]); it needs `sync_bn`, so
+    /// that what the run learns does not depend on the machine's core count.
     pub ranks: usize,
     /// `cpu` or `cuda:N`.
     pub device: String,
@@ -191,6 +193,24 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The ranks this process runs as threads: `ranks`, or for `ranks = 0` one rank per
+    /// `threads` of the machine's `cores` (one per core with `threads = 0`), the most up to
+    /// that count that divide the batch; 1 when `under_launcher` (an MPI launcher started this
+    /// process as one rank of its own).
+    pub fn local_ranks(&self, cores: usize, under_launcher: bool) -> usize {
+        if self.ranks != 0 {
+            return self.ranks;
+        }
+        if under_launcher {
+            return 1;
+        }
+        let mut r = (cores / self.threads.max(1)).clamp(1, 1024);
+        while r > 1 && self.batch_size % r != 0 {
+            r -= 1;
+        }
+        r
+    }
+
     /// Parse TOML (unknown keys are errors that name the key).
     pub fn from_toml(s: &str) -> Result<Self> {
         toml::from_str(s)
@@ -290,8 +310,17 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("epochs must be positive".into());
         }
-        if self.ranks == 0 || self.ranks > 1024 {
-            return bad(format!("ranks must be 1 to 1024, got {}", self.ranks));
+        if self.ranks > 1024 {
+            return bad(format!(
+                "ranks must be 1 to 1024 (0: one per core), got {}",
+                self.ranks
+            ));
+        }
+        if self.ranks == 0 && !self.sync_bn {
+            return bad(
+                "ranks = 0 (one rank per core) needs sync_bn, or the recipe would depend on the machine's core count"
+                    .into(),
+            );
         }
         if self.ranks > 1 && self.batch_size % self.ranks != 0 {
             return bad(format!(
@@ -379,5 +408,49 @@ impl TrainConfig {
             .map_err(|e| Error::Config(format!("knn_k / knn_temperature: {e}")))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn automatic_ranks_take_every_core_that_divides_the_batch() {
+        let auto = TrainConfig {
+            ranks: 0,
+            sync_bn: true,
+            batch_size: 256,
+            ..TrainConfig::default()
+        };
+        auto.validate().unwrap();
+        assert_eq!(auto.local_ranks(2, false), 2);
+        assert_eq!(auto.local_ranks(1, false), 1);
+        assert_eq!(auto.local_ranks(16, false), 16);
+        // 12 cores: 12 does not divide 256, 8 is the most that does.
+        assert_eq!(auto.local_ranks(12, false), 8);
+        // Two threads per rank: half the cores.
+        let two = TrainConfig {
+            threads: 2,
+            ..auto.clone()
+        };
+        assert_eq!(two.local_ranks(8, false), 4);
+        assert_eq!(two.local_ranks(3, false), 1);
+        // Under mpirun every process is one rank already.
+        assert_eq!(auto.local_ranks(16, true), 1);
+        // An explicit count stays as it is.
+        let three = TrainConfig {
+            ranks: 3,
+            batch_size: 255,
+            ..auto.clone()
+        };
+        assert_eq!(three.local_ranks(2, false), 3);
+        // Automatic ranks without synchronised BatchNorm would change the recipe per machine.
+        let unsynced = TrainConfig {
+            sync_bn: false,
+            ..auto
+        };
+        let e = unsynced.validate().unwrap_err().to_string();
+        assert!(e.contains("needs sync_bn"), "{e}");
     }
 }
