@@ -23,9 +23,12 @@
 # epochs), and from v24s02: wd1e4 (weight decay 1e-4, solo-learn's VICReg setting, instead of
 # 1e-6), lr01 (LARS lr 0.1); from v24s035: v24s05 (crops from 50-100%, 9 epochs), p2
 # (small-cnn-p2: no max-pool after the third layer, 0.78 of the speed, so 7 epochs), w2
-# (small-cnn-w2: twice as wide, 0.45 of the speed, so 4 epochs). SELFSUP_RUNS: the runs'
-# folder (runs/cpu-1h-ablation); SELFSUP_THREADS: threads per run (2; a run's numbers do not
-# depend on it, so two rows can run side by side with 1 thread each).
+# (small-cnn-w2: twice as wide, 0.45 of the speed, so 4 epochs), proj512 (projector
+# 512-512-512 instead of 1024-1024-1024), b512 (batch 512, LARS lr 0.4 by the linear rule);
+# the last two take their epochs from SELFSUP_EPOCHS (set from their measured speed against
+# v24s035's 9 epochs). SELFSUP_RUNS: the runs'
+# folder (runs/cpu-1h-ablation); SELFSUP_THREADS: threads of the run's one process (2; a run's
+# numbers do not depend on it, so two rows can run side by side with 1 thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${SELFSUP_BIN:-target/release/selfsup}
@@ -64,12 +67,15 @@ for row in "${ROWS[@]}"; do
     v24s05) args=(--epochs 9); size=24 scale=0.5 ;;
     p2) args=(--epochs 7 --encoder small-cnn-p2); size=24 scale=0.35 ;;
     w2) args=(--epochs 4 --encoder small-cnn-w2); size=24 scale=0.35 ;;
+    proj512) args=(--epochs "${SELFSUP_EPOCHS:-10}" --proj-hidden 512 --proj-out 512); size=24 scale=0.35 ;;
+    b512) args=(--epochs "${SELFSUP_EPOCHS:-9}" --batch-size 512 --lr 0.4); size=24 scale=0.35 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
   rm -rf "$out"
   start=$(date +%s)
-  "$BIN" train --preset cifar10-cpu-1h --threads "$THREADS" --knn-flip false --knn-every 100 \
+  # One process (the preset's automatic ranks would take every core whatever THREADS says).
+  "$BIN" train --preset cifar10-cpu-1h --ranks 1 --threads "$THREADS" --knn-flip false --knn-every 100 \
     --time-budget 0s --crop-size "$size" --crop-min-scale "$scale" \
     "${args[@]}" --out "$out" >"$out.log" 2>&1
   wall=$(( $(date +%s) - start ))
