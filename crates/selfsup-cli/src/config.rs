@@ -132,6 +132,10 @@ pub(crate) struct TrainArgs {
     /// Smallest area of a global view's crop (fraction of the image; default 0.08).
     #[arg(long)]
     pub(crate) crop_min_scale: Option<f64>,
+    /// Colour jitter strengths of the views times this factor (1: the augmentation's own, 0:
+    /// none, at most 5).
+    #[arg(long)]
+    pub(crate) jitter_scale: Option<f64>,
     /// Multi-crop: local views per image besides the two global ones (simclr, barlow, vicreg).
     #[arg(long)]
     pub(crate) local_crops: Option<usize>,
@@ -267,6 +271,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         knn_flip,
         crop_size,
         crop_min_scale,
+        jitter_scale,
         local_crops,
         local_crop_size,
         local_crop_min_scale,

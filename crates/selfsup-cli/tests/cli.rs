@@ -178,16 +178,27 @@ fn the_one_hour_preset_keeps_its_recipe() {
     assert_eq!(moco.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&moco.stderr).contains("--local-crops 0"));
     // A time budget is a duration; the global crop scale a fraction; nonsense exits 2.
-    let b = cfg(&["--time-budget", "55m", "--crop-min-scale", "0.3"]);
+    let b = cfg(&[
+        "--time-budget",
+        "55m",
+        "--crop-min-scale",
+        "0.3",
+        "--jitter-scale",
+        "0.5",
+    ]);
     assert_ok(&b);
     let s = String::from_utf8_lossy(&b.stdout);
     assert!(
-        s.contains("time_budget_s = 3300.0") && s.contains("crop_min_scale = 0.3"),
+        s.contains("time_budget_s = 3300.0")
+            && s.contains("crop_min_scale = 0.3")
+            && s.contains("jitter_scale = 0.5"),
         "{s}"
     );
     for bad in [
         &["--time-budget", "soon"][..],
         &["--crop-min-scale", "1.5"],
+        &["--jitter-scale", "7"],
+        &["--jitter-scale", "-1"],
         &["--encoder", "small-cnn-w0"],
     ] {
         let o = cfg(bad);

@@ -36,6 +36,6 @@ pub use image::Image;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use pipeline::{
     item_rng, mix_seed, preset_local_view, preset_views, preset_views_multicrop, LocalCrops,
-    MultiView, Pipeline, Preset, DEFAULT_MIN_SCALE,
+    MultiView, Pipeline, Preset, DEFAULT_MIN_SCALE, MAX_JITTER_SCALE,
 };
 pub use transforms::{Normalize, Rng, Transform};

@@ -154,6 +154,30 @@ fn simclr_jitter() -> ColorJitter {
     }
 }
 
+/// The largest [`jitter_scale`](preset_views_multicrop) taken: it keeps every preset's hue
+/// strength (at most 0.1) inside the `0..=0.5` a hue shift allows.
+pub const MAX_JITTER_SCALE: f64 = 5.0;
+
+/// `jitter` with its four strengths times `scale` (its probability unchanged), after checking
+/// `0 <= scale <= MAX_JITTER_SCALE`.
+fn scaled_jitter(jitter: ColorJitter, scale: f64) -> Result<ColorJitter> {
+    if !(0.0..=MAX_JITTER_SCALE).contains(&scale) {
+        return Err(Error::Config(format!(
+            "jitter scale must be in 0..={MAX_JITTER_SCALE}, got {scale}"
+        )));
+    }
+    let s = scale as f32;
+    let j = ColorJitter {
+        brightness: jitter.brightness * s,
+        contrast: jitter.contrast * s,
+        saturation: jitter.saturation * s,
+        hue: jitter.hue * s,
+        p: jitter.p,
+    };
+    j.validate()?;
+    Ok(j)
+}
+
 /// Multi-crop (SwAV, Caron et al. 2020): besides a preset's two global views, `count` small
 /// crops of a small part of the image, kept near their native resolution (side `size`, area
 /// `scale` of the image) instead of upscaled, so each costs a fraction of a global view.
@@ -185,10 +209,12 @@ impl LocalCrops {
 
 /// The pipeline of one local view of `preset`: its first view's photometric transforms after a
 /// crop of `local.scale` of the area resized to `local.size` (the Gaussian blur, where the
-/// preset has one, at probability 0.5 as in SwAV's and DINO's small crops).
+/// preset has one, at probability 0.5 as in SwAV's and DINO's small crops), its colour jitter's
+/// strengths times `jitter_scale` as in the global views.
 pub fn preset_local_view(
     preset: Preset,
     local: &LocalCrops,
+    jitter_scale: f64,
     normalize: Normalize,
 ) -> Result<Pipeline> {
     local.validate()?;
@@ -196,10 +222,11 @@ pub fn preset_local_view(
         scale: local.scale,
         ..RandomResizedCrop::new(local.size)
     };
+    let jitter = scaled_jitter(simclr_jitter(), jitter_scale)?;
     let transforms = match preset {
-        Preset::SimclrCifar => cropped_base(crop, simclr_jitter()),
+        Preset::SimclrCifar => cropped_base(crop, jitter),
         Preset::SimclrImagenet | Preset::Byol => {
-            let mut t = cropped_base(crop, simclr_jitter());
+            let mut t = cropped_base(crop, jitter);
             t.push(Arc::new(GaussianBlur::simclr(local.size, 0.5)));
             t
         }
@@ -216,12 +243,15 @@ pub fn preset_local_view(
 }
 
 /// The views of `preset` for images of side `size`, their random resized crops covering
-/// `min_scale` to all of the image's area (the presets' own: [`DEFAULT_MIN_SCALE`]), then
-/// `local.count` local views: global views first, local views last (the order methods rely on).
+/// `min_scale` to all of the image's area (the presets' own: [`DEFAULT_MIN_SCALE`]), their
+/// colour jitter's four strengths times `jitter_scale` (1: the preset's own; 0: no jitter; at
+/// most [`MAX_JITTER_SCALE`]), then `local.count` local views: global views first, local views
+/// last (the order methods rely on).
 pub fn preset_views_multicrop(
     preset: Preset,
     size: usize,
     min_scale: f64,
+    jitter_scale: f64,
     local: &LocalCrops,
     normalize: Normalize,
 ) -> Result<MultiView> {
@@ -230,9 +260,9 @@ pub fn preset_views_multicrop(
             "crop min scale must satisfy 0 < min <= 1, got {min_scale}"
         )));
     }
-    let mut views = preset_views_scaled(preset, size, min_scale, normalize.clone());
+    let mut views = preset_views_scaled(preset, size, min_scale, jitter_scale, normalize.clone())?;
     if local.count > 0 {
-        let p = preset_local_view(preset, local, normalize)?;
+        let p = preset_local_view(preset, local, jitter_scale, normalize)?;
         views.views.extend(std::iter::repeat(p).take(local.count));
     }
     Ok(views)
@@ -244,25 +274,28 @@ pub const DEFAULT_MIN_SCALE: f64 = 0.08;
 
 /// The views of a preset for images of side `size`.
 pub fn preset_views(preset: Preset, size: usize, normalize: Normalize) -> MultiView {
-    preset_views_scaled(preset, size, DEFAULT_MIN_SCALE, normalize)
+    preset_views_scaled(preset, size, DEFAULT_MIN_SCALE, 1.0, normalize)
+        .expect("the presets' own jitter is in range")
 }
 
 fn preset_views_scaled(
     preset: Preset,
     size: usize,
     min_scale: f64,
+    jitter_scale: f64,
     normalize: Normalize,
-) -> MultiView {
-    match preset {
+) -> Result<MultiView> {
+    let jitter = scaled_jitter(simclr_jitter(), jitter_scale)?;
+    Ok(match preset {
         Preset::SimclrCifar => MultiView::repeat(
             Pipeline {
-                transforms: simclr_base(size, min_scale, simclr_jitter()),
+                transforms: simclr_base(size, min_scale, jitter),
                 normalize,
             },
             2,
         ),
         Preset::SimclrImagenet => {
-            let mut t = simclr_base(size, min_scale, simclr_jitter());
+            let mut t = simclr_base(size, min_scale, jitter);
             t.push(Arc::new(GaussianBlur::simclr(size, 0.5)));
             MultiView::repeat(
                 Pipeline {
@@ -273,13 +306,16 @@ fn preset_views_scaled(
             )
         }
         Preset::Byol => {
-            let jitter = ColorJitter {
-                brightness: 0.4,
-                contrast: 0.4,
-                saturation: 0.2,
-                hue: 0.1,
-                p: 0.8,
-            };
+            let jitter = scaled_jitter(
+                ColorJitter {
+                    brightness: 0.4,
+                    contrast: 0.4,
+                    saturation: 0.2,
+                    hue: 0.1,
+                    p: 0.8,
+                },
+                jitter_scale,
+            )?;
             let mut v1 = simclr_base(size, min_scale, jitter.clone());
             v1.push(Arc::new(GaussianBlur::simclr(size, 1.0)));
             let mut v2 = simclr_base(size, min_scale, jitter);
@@ -315,5 +351,5 @@ fn preset_views_scaled(
             1,
         ),
         Preset::None => MultiView::repeat(Pipeline::eval(normalize), 1),
-    }
+    })
 }

@@ -276,8 +276,15 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
         size: 16,
         scale: (0.1, 0.4),
     };
-    let views = preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &local, Normalize::cifar10())
-        .unwrap();
+    let views = preset_views_multicrop(
+        Preset::SimclrCifar,
+        32,
+        0.08,
+        1.0,
+        &local,
+        Normalize::cifar10(),
+    )
+    .unwrap();
     assert_eq!(views.len(), 5);
     let cfg = LoaderConfig {
         batch_size: 8,
@@ -307,9 +314,16 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
         ..local.clone()
     };
     assert_eq!(
-        preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &none, Normalize::cifar10())
-            .unwrap()
-            .len(),
+        preset_views_multicrop(
+            Preset::SimclrCifar,
+            32,
+            0.08,
+            1.0,
+            &none,
+            Normalize::cifar10()
+        )
+        .unwrap()
+        .len(),
         2
     );
     // Bad settings and one-view presets are refused with what is wrong.
@@ -343,14 +357,28 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
             "size",
         ),
     ] {
-        let e = preset_views_multicrop(Preset::SimclrCifar, 32, 0.08, &bad, Normalize::cifar10())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(want), "{e}");
-    }
-    let e = preset_views_multicrop(Preset::CropFlip, 32, 0.08, &local, Normalize::cifar10())
+        let e = preset_views_multicrop(
+            Preset::SimclrCifar,
+            32,
+            0.08,
+            1.0,
+            &bad,
+            Normalize::cifar10(),
+        )
         .unwrap_err()
         .to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let e = preset_views_multicrop(
+        Preset::CropFlip,
+        32,
+        0.08,
+        1.0,
+        &local,
+        Normalize::cifar10(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("two-view augmentation"), "{e}");
 }
 
@@ -388,20 +416,112 @@ fn the_global_crop_scale_is_a_setting_and_its_default_is_the_presets() {
                 preset,
                 32,
                 selfsup_data::DEFAULT_MIN_SCALE,
+                1.0,
                 &none,
                 Normalize::cifar10(),
             )
             .unwrap(),
         );
         assert_eq!(plain, default, "{preset:?}");
-        let larger =
-            views_of(preset_views_multicrop(preset, 32, 0.5, &none, Normalize::cifar10()).unwrap());
+        let larger = views_of(
+            preset_views_multicrop(preset, 32, 0.5, 1.0, &none, Normalize::cifar10()).unwrap(),
+        );
         assert_ne!(plain, larger, "{preset:?}");
     }
     for bad in [0.0, -0.1, 1.5, f64::NAN] {
-        let e = preset_views_multicrop(Preset::SimclrCifar, 32, bad, &none, Normalize::cifar10())
+        let e = preset_views_multicrop(
+            Preset::SimclrCifar,
+            32,
+            bad,
+            1.0,
+            &none,
+            Normalize::cifar10(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("crop min scale"), "{e}");
+    }
+}
+
+#[test]
+fn the_jitter_scale_multiplies_the_presets_colour_jitter() {
+    use selfsup_data::transforms::{
+        ColorJitter, HorizontalFlip, RandomGrayscale, RandomResizedCrop,
+    };
+    use selfsup_data::{MultiView, Pipeline};
+    let d = tempfile::tempdir().unwrap();
+    write_fake_cifar(d.path(), 16);
+    let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
+    let none = LocalCrops {
+        count: 0,
+        size: 16,
+        scale: (0.1, 0.4),
+    };
+    let cfg = LoaderConfig {
+        batch_size: 8,
+        threads: 1,
+        ..Default::default()
+    };
+    let views_of = |v: MultiView| -> Vec<Vec<f32>> {
+        let b = Loader::new(ds.clone(), v, cfg.clone())
+            .unwrap()
+            .epoch(0)
+            .next()
+            .unwrap()
+            .unwrap();
+        b.views
+            .iter()
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let scaled = |s: f64| {
+        views_of(
+            preset_views_multicrop(
+                Preset::SimclrCifar,
+                32,
+                0.35,
+                s,
+                &none,
+                Normalize::cifar10(),
+            )
+            .unwrap(),
+        )
+    };
+    // Half the strengths is SimCLR's CIFAR pipeline written out with 0.2 / 0.2 / 0.2 / 0.05.
+    let by_hand = |b: f32, h: f32| {
+        views_of(MultiView::repeat(
+            Pipeline {
+                transforms: vec![
+                    Arc::new(RandomResizedCrop {
+                        scale: (0.35, 1.0),
+                        ..RandomResizedCrop::new(32)
+                    }),
+                    Arc::new(HorizontalFlip { p: 0.5 }),
+                    Arc::new(ColorJitter {
+                        brightness: b,
+                        contrast: b,
+                        saturation: b,
+                        hue: h,
+                        p: 0.8,
+                    }),
+                    Arc::new(RandomGrayscale { p: 0.2 }),
+                ],
+                normalize: Normalize::cifar10(),
+            },
+            2,
+        ))
+    };
+    let half = scaled(0.5);
+    assert_eq!(half, by_hand(0.2, 0.05));
+    assert_eq!(scaled(1.0), by_hand(0.4, 0.1));
+    assert_ne!(half, scaled(1.0));
+    // 0 keeps the crops and flips and draws no colour change.
+    assert_eq!(scaled(0.0), by_hand(0.0, 0.0));
+    assert_ne!(scaled(0.0), half);
+    for bad in [-0.5, 5.5, f64::NAN] {
+        let e = preset_views_multicrop(Preset::Byol, 32, 0.35, bad, &none, Normalize::cifar10())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("crop min scale"), "{e}");
+        assert!(e.contains("jitter scale must be in 0..=5"), "{e}");
     }
 }

@@ -117,6 +117,10 @@ pub struct TrainConfig {
     /// Smallest area of a global view's random resized crop, as a fraction of the image (the
     /// two-view augmentation presets; SimCLR's 0.08).
     pub crop_min_scale: f64,
+    /// Colour jitter of the augmentation preset's views, its four strengths (brightness,
+    /// contrast, saturation, hue) times this factor: 1 the preset's own, 0 none, at most
+    /// [`selfsup_data::MAX_JITTER_SCALE`]. Its probability is the preset's.
+    pub jitter_scale: f64,
     /// Multi-crop: local views per image besides the two global views (0: off). Methods whose
     /// loss compares projections (simclr, barlow, vicreg) take them.
     pub local_crops: usize,
@@ -183,6 +187,7 @@ impl Default for TrainConfig {
             log_every: 20,
             time_budget_s: 0.0,
             crop_min_scale: selfsup_data::DEFAULT_MIN_SCALE,
+            jitter_scale: 1.0,
             local_crops: 0,
             local_crop_size: 16,
             local_crop_min_scale: 0.1,
@@ -396,6 +401,13 @@ impl TrainConfig {
             return bad(format!(
                 "crop_min_scale must satisfy 0 < scale <= 1, got {}",
                 self.crop_min_scale
+            ));
+        }
+        if !(0.0..=selfsup_data::MAX_JITTER_SCALE).contains(&self.jitter_scale) {
+            return bad(format!(
+                "jitter_scale must be in 0..={}, got {}",
+                selfsup_data::MAX_JITTER_SCALE,
+                self.jitter_scale
             ));
         }
         // The kNN monitor's settings fail here, not after the first epoch.

@@ -391,6 +391,7 @@ pub fn build_trainer_with_dist(
             preset,
             cfg.global_view_size(),
             cfg.crop_min_scale,
+            cfg.jitter_scale,
             &cfg.local_crops_config(),
             data.normalize.clone(),
         )?,

@@ -1,7 +1,7 @@
 //! The options the one-hour CPU recipe is built from, through the trainer. A time-budgeted run
 //! fits its length after the first epoch, writes it to config.toml, and is otherwise the run
-//! with that many epochs; a resumed run keeps the fitted length. The global crop scale and the
-//! global view size are settings that change what the run learns.
+//! with that many epochs; a resumed run keeps the fitted length. The global crop scale, the colour
+//! jitter's scale and the global view size are settings that change what the run learns.
 
 mod common;
 
@@ -119,6 +119,27 @@ fn bad_budgets_and_crop_scales_are_refused() {
     };
     let e = build_trainer(&c, data()).err().unwrap().to_string();
     assert!(e.contains("crop_min_scale"), "{e}");
+    for j in [-0.1, 5.5, f64::NAN] {
+        let c = TrainConfig {
+            jitter_scale: j,
+            ..cfg(d.path(), 2, 0.0)
+        };
+        let e = build_trainer(&c, data()).err().unwrap().to_string();
+        assert!(e.contains("jitter_scale must be in 0..=5"), "{e}");
+    }
+}
+
+#[test]
+fn the_jitter_scale_changes_what_is_learned() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (dir, scale) in [(a.path(), 1.0), (b.path(), 0.5)] {
+        let c = TrainConfig {
+            jitter_scale: scale,
+            ..cfg(dir, 1, 0.0)
+        };
+        build_trainer(&c, data()).unwrap().fit(None).unwrap();
+    }
+    assert_ne!(weights(a.path()), weights(b.path()));
 }
 
 #[test]
