@@ -27,7 +27,7 @@
 # 512-512-512 instead of 1024-1024-1024), b512 (batch 512, LARS lr 0.4 by the linear rule);
 # the last two take their epochs from SELFSUP_EPOCHS (set from their measured speed against
 # v24s035's 9 epochs); from v24s035 (9 epochs): j05 / j15 (the colour jitter's strengths
-# times 0.5 / 1.5), lr01s035 (LARS lr 0.1 instead of 0.2). SELFSUP_RUNS: the runs'
+# times 0.5 / 1.5), lr01s035 / lr03s035 (LARS lr 0.1 / 0.3 instead of 0.2). SELFSUP_RUNS: the runs'
 # folder (runs/cpu-1h-ablation); SELFSUP_THREADS: threads of the run's one process (2; a run's
 # numbers do not depend on it, so two rows can run side by side with 1 thread each).
 set -euo pipefail
@@ -73,6 +73,7 @@ for row in "${ROWS[@]}"; do
     j05) args=(--epochs 9 --jitter-scale 0.5); size=24 scale=0.35 ;;
     j15) args=(--epochs 9 --jitter-scale 1.5); size=24 scale=0.35 ;;
     lr01s035) args=(--epochs 9 --lr 0.1); size=24 scale=0.35 ;;
+    lr03s035) args=(--epochs 9 --lr 0.3); size=24 scale=0.35 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
