@@ -382,33 +382,44 @@ fn local_crops_come_after_the_global_views_at_their_own_size() {
     assert!(e.contains("two-view augmentation"), "{e}");
 }
 
-#[test]
-fn the_global_crop_scale_is_a_setting_and_its_default_is_the_presets() {
-    let d = tempfile::tempdir().unwrap();
-    write_fake_cifar(d.path(), 16);
-    let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
-    let none = LocalCrops {
+/// No local crops (the settings a two-view run passes).
+fn no_local_crops() -> LocalCrops {
+    LocalCrops {
         count: 0,
         size: 16,
         scale: (0.1, 0.4),
-    };
+    }
+}
+
+/// Every view of the first 8-image batch of `views` over `ds`, flattened.
+fn first_batch_views(
+    ds: &Arc<selfsup_data::InMemory>,
+    views: selfsup_data::MultiView,
+) -> Vec<Vec<f32>> {
     let cfg = LoaderConfig {
         batch_size: 8,
         threads: 1,
         ..Default::default()
     };
-    let views_of = |v: selfsup_data::MultiView| -> Vec<Vec<f32>> {
-        let b = Loader::new(ds.clone(), v, cfg.clone())
-            .unwrap()
-            .epoch(0)
-            .next()
-            .unwrap()
-            .unwrap();
-        b.views
-            .iter()
-            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect()
-    };
+    let b = Loader::new(ds.clone(), views, cfg)
+        .unwrap()
+        .epoch(0)
+        .next()
+        .unwrap()
+        .unwrap();
+    b.views
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_global_crop_scale_is_a_setting_and_its_default_is_the_presets() {
+    let d = tempfile::tempdir().unwrap();
+    write_fake_cifar(d.path(), 16);
+    let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
+    let none = no_local_crops();
+    let views_of = |v: selfsup_data::MultiView| first_batch_views(&ds, v);
     for preset in [Preset::SimclrCifar, Preset::SimclrImagenet, Preset::Byol] {
         let plain = views_of(preset_views(preset, 32, Normalize::cifar10()));
         let default = views_of(
@@ -452,28 +463,8 @@ fn the_jitter_scale_multiplies_the_presets_colour_jitter() {
     let d = tempfile::tempdir().unwrap();
     write_fake_cifar(d.path(), 16);
     let ds = Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
-    let none = LocalCrops {
-        count: 0,
-        size: 16,
-        scale: (0.1, 0.4),
-    };
-    let cfg = LoaderConfig {
-        batch_size: 8,
-        threads: 1,
-        ..Default::default()
-    };
-    let views_of = |v: MultiView| -> Vec<Vec<f32>> {
-        let b = Loader::new(ds.clone(), v, cfg.clone())
-            .unwrap()
-            .epoch(0)
-            .next()
-            .unwrap()
-            .unwrap();
-        b.views
-            .iter()
-            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect()
-    };
+    let none = no_local_crops();
+    let views_of = |v: selfsup_data::MultiView| first_batch_views(&ds, v);
     let scaled = |s: f64| {
         views_of(
             preset_views_multicrop(

@@ -129,30 +129,49 @@ fn bad_budgets_and_crop_scales_are_refused() {
     }
 }
 
+/// Trains one epoch with each of two changes to the base config; their weights must differ.
+fn assert_learns_differently(
+    a: impl Fn(TrainConfig) -> TrainConfig,
+    b: impl Fn(TrainConfig) -> TrainConfig,
+) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    build_trainer(&a(cfg(da.path(), 1, 0.0)), data())
+        .unwrap()
+        .fit(None)
+        .unwrap();
+    build_trainer(&b(cfg(db.path(), 1, 0.0)), data())
+        .unwrap()
+        .fit(None)
+        .unwrap();
+    assert_ne!(weights(da.path()), weights(db.path()));
+}
+
 #[test]
 fn the_jitter_scale_changes_what_is_learned() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for (dir, scale) in [(a.path(), 1.0), (b.path(), 0.5)] {
-        let c = TrainConfig {
-            jitter_scale: scale,
-            ..cfg(dir, 1, 0.0)
-        };
-        build_trainer(&c, data()).unwrap().fit(None).unwrap();
-    }
-    assert_ne!(weights(a.path()), weights(b.path()));
+    assert_learns_differently(
+        |c| TrainConfig {
+            jitter_scale: 1.0,
+            ..c
+        },
+        |c| TrainConfig {
+            jitter_scale: 0.5,
+            ..c
+        },
+    );
 }
 
 #[test]
 fn the_global_crop_scale_changes_what_is_learned() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for (dir, scale) in [(a.path(), 0.08), (b.path(), 0.6)] {
-        let c = TrainConfig {
-            crop_min_scale: scale,
-            ..cfg(dir, 1, 0.0)
-        };
-        build_trainer(&c, data()).unwrap().fit(None).unwrap();
-    }
-    assert_ne!(weights(a.path()), weights(b.path()));
+    assert_learns_differently(
+        |c| TrainConfig {
+            crop_min_scale: 0.08,
+            ..c
+        },
+        |c| TrainConfig {
+            crop_min_scale: 0.6,
+            ..c
+        },
+    );
 }
 
 #[test]
