@@ -203,6 +203,8 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     if a.preset.is_none() || method != cfg.method {
         cfg.apply_method_defaults(&method);
     }
+    // The learning rate (and its batch) that a batch size chosen below scales.
+    let default_lr = (cfg.lr, cfg.batch_size);
     if let Some((path, s)) = &file {
         cfg = merge_toml(&cfg, s).with_context(|| format!("{}", path.display()))?;
     }
@@ -301,7 +303,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         })
     };
     if !a.resume && a.lr.is_none() && !file_sets("lr") {
-        cfg.rescale_default_lr();
+        cfg.rescale_default_lr(default_lr.0, default_lr.1);
     }
     if a.sync_bn {
         cfg.sync_bn = true;

@@ -153,6 +153,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
     for want in [
         "method = \"vicreg\"",
         "optimizer = \"lars\"",
+        "lr = 0.3",
         "proj_hidden = 1024",
         "proj_out = 1024",
         "epochs = 60",
@@ -160,6 +161,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "warmup_epochs = 1.0",
         "crop_size = 24",
         "crop_min_scale = 0.35",
+        "knn_every = 10",
         "knn_flip = true",
         "ranks = 0",
         "sync_bn = true",
@@ -169,6 +171,11 @@ fn the_one_hour_preset_keeps_its_recipe() {
     // Its own method named again keeps the recipe.
     let again = String::from_utf8(cfg(&["--method", "vicreg"]).stdout).unwrap();
     assert_eq!(again, c);
+    // Its learning rate scales with a batch size given on top, unless one is given too.
+    let b512 = String::from_utf8(cfg(&["--batch-size", "512"]).stdout).unwrap();
+    assert!(b512.contains("\nlr = 0.6\n"), "{b512}");
+    let given = String::from_utf8(cfg(&["--batch-size", "512", "--lr", "0.4"]).stdout).unwrap();
+    assert!(given.contains("\nlr = 0.4\n"), "{given}");
     // Multi-crop on top; a method without multi-crop is refused with what to change, before
     // any work.
     let mc = cfg(&["--local-crops", "4"]);

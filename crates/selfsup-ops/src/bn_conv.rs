@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::batch_norm::{
-    bn_backward, dims, f32s, rectified, stats_of, BnSync, BnTrainOutput, Stats64,
+    bn_backward, dims, f32s, rectified, stats_of, BnSync, BnTrainOutput, Stats64, Stored,
 };
 use crate::conv::{conv_bwd_into, conv_fwd};
 use crate::im2col::Geometry;
@@ -107,17 +107,11 @@ impl CustomOp3 for BnReluConvGrad {
         conv_bwd_into(&h, cw, dz, self.g, o, Some(&mut dh), dcw);
         let w = &self.wb[..c];
         // `h`, the rectified output, is the ReLU's mask.
-        bn_backward(
-            x,
-            &dh,
-            Some(&h),
-            (n, c, hw),
-            &self.stats,
-            w,
-            self.eps,
-            head,
-            false,
-        );
+        let rows = Stored {
+            dy: &dh,
+            relu: Some(&h),
+        };
+        bn_backward(x, &rows, (n, c, hw), &self.stats, w, self.eps, head, false);
         Ok((CpuStorage::F32(out), Shape::from(total)))
     }
 }

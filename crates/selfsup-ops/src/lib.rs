@@ -22,8 +22,10 @@
 //! - [`batch_norm_relu_conv2d`]: `conv2d(relu(bn(x)))` (the middle of a ResNet block) as one
 //!   op that keeps only its input and output; the rectified tensor is recomputed in the
 //!   backward (one element-wise pass), which saves an activation-sized tensor per block.
-//! - [`batch_norm_relu_max_pool2d`]: `max_pool2d(relu(bn(x)))` (small-cnn's layers) likewise:
-//!   the rectified tensor, four times the pooled one, is recomputed instead of stored.
+//! - [`batch_norm_relu_max_pool2d`]: `max_pool2d(relu(bn(x)))` (small-cnn's layers) likewise,
+//!   and one `(sample, channel)` plane at a time: the rectified plane and its gradient live
+//!   in a buffer that stays in cache, so the rectified tensor (four times the pooled one) and
+//!   its gradient are never written out, forward or backward.
 //! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
 //!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
 //! - [`global_avg_pool`]: `(N, C, H, W) -> (N, C)` in one pass, its backward in another.

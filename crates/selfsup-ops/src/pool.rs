@@ -60,34 +60,40 @@ pub(crate) fn pool_fwd(x: &[f32], p: Pool) -> Vec<f32> {
     let mut y = crate::util::output_buffer(x.len() / (p.h * p.w) * oh * ow);
     y.par_chunks_mut(oh * ow)
         .zip(x.par_chunks(p.h * p.w))
-        .for_each(|(out, plane)| {
-            if p.k == 2 && p.stride == 2 && p.pad == 0 {
-                // The common case, without the general window bookkeeping.
-                for oy in 0..oh {
-                    let r0 = &plane[2 * oy * p.w..];
-                    let r1 = &plane[(2 * oy + 1) * p.w..];
-                    for ox in 0..ow {
-                        let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
-                        let (cc, d) = (r1[2 * ox], r1[2 * ox + 1]);
-                        out[oy * ow + ox] = a.max(b).max(cc.max(d));
-                    }
-                }
-                if plane.iter().any(|v| v.is_nan()) {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
-                        }
-                    }
-                }
-            } else {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
-                    }
+        .for_each(|(out, plane)| pool_fwd_plane(out, plane, p, false));
+    y
+}
+
+/// Max pooling of one `(h, w)` plane into its `oh x ow` outputs (every one written). `finite`:
+/// the caller knows that `plane` holds no NaN (a rectified plane: `max(NaN, 0)` is 0), which
+/// skips the search for one.
+pub(crate) fn pool_fwd_plane(out: &mut [f32], plane: &[f32], p: Pool, finite: bool) {
+    let (oh, ow) = (p.oh(), p.ow());
+    if p.k == 2 && p.stride == 2 && p.pad == 0 {
+        // The common case, without the general window bookkeeping.
+        for oy in 0..oh {
+            let r0 = &plane[2 * oy * p.w..];
+            let r1 = &plane[(2 * oy + 1) * p.w..];
+            for ox in 0..ow {
+                let (a, b) = (r0[2 * ox], r0[2 * ox + 1]);
+                let (cc, d) = (r1[2 * ox], r1[2 * ox + 1]);
+                out[oy * ow + ox] = a.max(b).max(cc.max(d));
+            }
+        }
+        if !finite && plane.iter().any(|v| v.is_nan()) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
                 }
             }
-        });
-    y
+        }
+    } else {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                out[oy * ow + ox] = p.argmax(plane, oy, ox).1;
+            }
+        }
+    }
 }
 
 /// 2x2 stride-2 windows of a plane (`w` wide, `oh x ow` windows, no NaN): each output's
@@ -118,22 +124,27 @@ pub(crate) fn pool_bwd_into(x: &[f32], dy: &[f32], p: Pool, dx: &mut [f32]) {
     dx.par_chunks_mut(p.h * p.w)
         .zip(x.par_chunks(p.h * p.w))
         .zip(dy.par_chunks(oh * ow))
-        .for_each(|((d, plane), g)| {
-            if p.k == 2 && p.stride == 2 && p.pad == 0 && !plane.iter().any(|v| v.is_nan()) {
-                // The common case, without the window bookkeeping; with a NaN in the plane
-                // the general path decides.
-                pool2_bwd_plane(d, plane, g, p.w, oh, ow);
-                return;
+        .for_each(|((d, plane), g)| pool_bwd_plane(d, plane, g, p, false));
+}
+
+/// The gradient `g` of one plane's outputs added into `d` at each window's first maximum in
+/// `plane`; `finite` as in [`pool_fwd_plane`].
+pub(crate) fn pool_bwd_plane(d: &mut [f32], plane: &[f32], g: &[f32], p: Pool, finite: bool) {
+    let (oh, ow) = (p.oh(), p.ow());
+    if p.k == 2 && p.stride == 2 && p.pad == 0 && (finite || !plane.iter().any(|v| v.is_nan())) {
+        // The common case, without the window bookkeeping; with a NaN in the plane the
+        // general path decides.
+        pool2_bwd_plane(d, plane, g, p.w, oh, ow);
+        return;
+    }
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let (i, _) = p.argmax(plane, oy, ox);
+            if i != usize::MAX {
+                d[i] += g[oy * ow + ox];
             }
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let (i, _) = p.argmax(plane, oy, ox);
-                    if i != usize::MAX {
-                        d[i] += g[oy * ow + ox];
-                    }
-                }
-            }
-        });
+        }
+    }
 }
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {

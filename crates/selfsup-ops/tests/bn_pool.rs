@@ -75,3 +75,62 @@ fn bn_relu_max_pool_rejects_bad_input() {
     let w64 = w.to_dtype(DType::F64).unwrap();
     assert!(f(&x64, &w64, &w64, 1e-5, 2, 2, 0, None).is_err());
 }
+
+/// The fused op recomputes per plane what the separate ops store, with the same arithmetic:
+/// its values and all three gradients equal, bit for bit, those of our own training-mode
+/// BatchNorm(+ReLU) followed by our max pool, with and without synchronised statistics (one
+/// rank, so that both take the synchronised path).
+#[test]
+fn bn_relu_max_pool_equals_our_separate_ops_exactly() {
+    let dev = Device::Cpu;
+    let one_rank = selfsup_ops::BnSync::new(1, std::sync::Arc::new(|_: &mut [f64]| Ok(())));
+    for sync in [None, Some(&one_rank)] {
+        for &(n, c, h, wd, k, stride, pad) in &[
+            (4, 8, 24, 24, 2, 2, 0),
+            (3, 5, 9, 7, 2, 2, 0),
+            (2, 6, 8, 8, 3, 2, 1),
+            (2, 3, 5, 5, 3, 1, 1),
+        ] {
+            let what = format!(
+                "n{n} c{c} {h}x{wd} k{k} s{stride} p{pad} sync {}",
+                sync.is_some()
+            );
+            let x = Var::from_tensor(
+                &(Tensor::randn(0f32, 2., (n, c, h, wd), &dev).unwrap() + 0.5).unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev).unwrap()).unwrap();
+            let (x_, w_, b_) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let fused =
+                selfsup_ops::batch_norm_relu_max_pool2d(x_, w_, b_, 1e-5, k, stride, pad, sync)
+                    .unwrap();
+            let bn = selfsup_ops::batch_norm_train(x_, w_, b_, 1e-5, true, sync).unwrap();
+            let separate = selfsup_ops::max_pool2d(&bn.y, k, stride, pad).unwrap();
+            let r = Tensor::randn(0f32, 1., separate.shape(), &dev).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(bits(&fused.y), bits(&separate), "{what}: forward");
+            assert_eq!(bits(&fused.mean), bits(&bn.mean), "{what}: mean");
+            assert_eq!(bits(&fused.var), bits(&bn.var), "{what}: var");
+            let g1 = (&fused.y * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&separate * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
+                let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+                assert_eq!(bits(a.unwrap()), bits(b.unwrap()), "{what}: d{name}");
+            }
+        }
+    }
+}

@@ -279,12 +279,13 @@ impl TrainConfig {
     }
 
     /// For a method whose default learning rate scales with the batch (Barlow Twins, VICReg):
-    /// set it again for the current `batch_size`. Called when the batch size was chosen after
-    /// the method's defaults (a flag or a config file) and no learning rate was given.
-    pub fn rescale_default_lr(&mut self) {
+    /// `lr`, chosen for `batch` images (the method's default or a preset's), scaled to the
+    /// current `batch_size`. Called when the batch size was chosen after the method's defaults
+    /// and the preset (a flag or a config file) and no learning rate was given.
+    pub fn rescale_default_lr(&mut self, lr: f64, batch: usize) {
         let base = self.method.split('+').next().unwrap_or_default();
-        if matches!(base, "barlow" | "vicreg") {
-            self.lr = Self::lars_base_lr() * self.batch_size as f64 / 256.0;
+        if matches!(base, "barlow" | "vicreg") && batch > 0 {
+            self.lr = lr * self.batch_size as f64 / batch as f64;
         }
     }
 

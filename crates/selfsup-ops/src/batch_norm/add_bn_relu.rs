@@ -107,8 +107,9 @@ impl CustomOp3 for BnAddBnReluGrad {
         let (ox, or) = out.split_at_mut(m);
         let (w, rw) = (&self.p[..c], &self.p[2 * c..3 * c]);
         let d = (n, c, hw);
-        bn_backward(x, dy, Some(y), d, &self.stats, w, self.eps, ox, false);
-        bn_backward(r, dy, Some(y), d, &self.r_stats, rw, self.eps, or, false);
+        let rows = Stored { dy, relu: Some(y) };
+        bn_backward(x, &rows, d, &self.stats, w, self.eps, ox, false);
+        bn_backward(r, &rows, d, &self.r_stats, rw, self.eps, or, false);
         Ok((CpuStorage::F32(out), Shape::from(2 * m)))
     }
 }

@@ -26,7 +26,7 @@ pub use add_relu::batch_norm_add_relu_train;
 pub use scale_shift::scale_shift;
 pub use scale_shift_add_relu::scale_shift_add_relu;
 pub use train::{batch_norm_train, BnTrainOutput};
-pub(crate) use train::{bn_backward, BnGrad};
+pub(crate) use train::{bn_backward, BnGrad, GradRows, Scratch, Stored};
 
 /// Raw output pointer shared by the per-channel tasks; each task writes only its own channel.
 #[derive(Clone, Copy)]
@@ -110,12 +110,22 @@ pub(crate) fn rectified(
     eps: f64,
 ) -> Result<Vec<f32>> {
     let (_, c, hw) = dims(l)?;
-    if wb.len() != 2 * c || st.len() != c {
+    if st.len() != c {
+        candle_core::bail!("batch norm: statistics of {} channels for {c}", st.len());
+    }
+    let (scale, shift) = fold_packed(st, wb, eps)?;
+    Ok(apply_scale_shift(x, c, hw, &scale, &shift, true))
+}
+
+/// [`fold`] with the affine parameters packed as `weight | bias`, checked against the
+/// statistics' channels.
+pub(crate) fn fold_packed(st: &[(f64, f64)], wb: &[f32], eps: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let c = st.len();
+    if wb.len() != 2 * c {
         candle_core::bail!("batch norm: expected {c} weights and biases");
     }
     let (w, b) = wb.split_at(c);
-    let (scale, shift) = fold(st, w, b, eps);
-    Ok(apply_scale_shift(x, c, hw, &scale, &shift, true))
+    Ok(fold(st, w, b, eps))
 }
 
 /// Synchronised BatchNorm (data-parallel training): how the fused ops sum their per-channel
@@ -183,10 +193,11 @@ pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Sta
     let xs = x.contiguous()?;
     let (s, l) = xs.storage_and_layout();
     let data = match &*s {
-        candle_core::Storage::Cpu(s) => f32s(s, l)?.to_vec(),
+        candle_core::Storage::Cpu(s) => f32s(s, l)?,
         _ => candle_core::bail!("synchronised batch norm: the fused op runs on the CPU"),
     };
-    drop(s);
+    // Read in place: the storage's read lock is held over the all-reduces, which only wait
+    // for the other ranks' own tensors.
     let seg = |i: usize, ch: usize| &data[(i * c + ch) * hw..(i * c + ch + 1) * hw];
     let m = (n * hw * sync.world) as f64;
     let mut sums: Vec<f64> = (0..c)
@@ -199,6 +210,7 @@ pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Sta
         .into_par_iter()
         .map(|ch| (0..n).map(|i| sq_dev_f64(seg(i, ch), mean[ch])).sum())
         .collect();
+    drop(s);
     (sync.reduce)(&mut q)?;
     let ch: Vec<(f64, f64)> = mean.iter().zip(&q).map(|(&mu, &q)| (mu, q / m)).collect();
     let mut rows: Vec<f32> = ch.iter().map(|p| p.0 as f32).collect();

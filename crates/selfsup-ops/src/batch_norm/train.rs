@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::util::{bn_dx_row, bn_row_sums, output_buffer};
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 struct BnTrain {
@@ -91,11 +93,13 @@ impl CustomOp3 for BnGrad {
         let extra = if self.emit_g { numel } else { 0 };
         // bn_backward writes dx, dw, db and (with emit_g) the masked dy: every element.
         let mut out = output_buffer(numel + 2 * c + extra);
-        let relu = self.relu.then_some(y);
+        let rows = Stored {
+            dy,
+            relu: self.relu.then_some(y),
+        };
         bn_backward(
             x,
-            dy,
-            relu,
+            &rows,
             (n, c, hw),
             &self.stats,
             &self.weight,
@@ -107,14 +111,56 @@ impl CustomOp3 for BnGrad {
     }
 }
 
+/// Where [`bn_backward`] reads the rows of its output gradient: stored tensors, or values
+/// recomputed per row into a task's scratch buffers (which stay in cache, where full-size
+/// intermediate tensors would be written to memory and read back).
+pub(crate) trait GradRows: Sync {
+    /// Calls `f(dy, relu)` with the row of sample `i`, channel `ch` (elements `range` of the
+    /// `(N, C, hw)` input) of the gradient reaching BatchNorm's output and, with a fused ReLU,
+    /// of the forward's rectified output, whose non-positive entries mask `dy`. `scratch`
+    /// belongs to the calling task.
+    fn with_row<R>(
+        &self,
+        i_ch: (usize, usize),
+        range: Range<usize>,
+        scratch: &mut Scratch,
+        f: impl FnOnce(&[f32], Option<&[f32]>) -> R,
+    ) -> R;
+}
+
+/// Buffers for recomputed rows, one set per task, reused over its rows.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub(crate) h: Vec<f32>,
+    pub(crate) dh: Vec<f32>,
+}
+
+/// Stored tensors shaped like the input: the output gradient `dy` and, with a fused ReLU, the
+/// rectified output `relu`.
+pub(crate) struct Stored<'a> {
+    pub(crate) dy: &'a [f32],
+    pub(crate) relu: Option<&'a [f32]>,
+}
+
+impl GradRows for Stored<'_> {
+    fn with_row<R>(
+        &self,
+        _: (usize, usize),
+        r: Range<usize>,
+        _: &mut Scratch,
+        f: impl FnOnce(&[f32], Option<&[f32]>) -> R,
+    ) -> R {
+        f(&self.dy[r.clone()], self.relu.map(|y| &y[r]))
+    }
+}
+
 /// BatchNorm's closed-form backward into `out = dx | dw | db`, and with `emit_g` also the
-/// gradient reaching the normalised output (`dy` masked by the ReLU) after them. `relu`: the
-/// forward's rectified output, whose non-positive entries mask `dy`.
+/// gradient reaching the normalised output (`dy` masked by the ReLU) after them, reading the
+/// output gradient's rows from `rows`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_backward(
     x: &[f32],
-    dy: &[f32],
-    relu: Option<&[f32]>,
+    rows: &impl GradRows,
     (n, c, hw): (usize, usize, usize),
     st: &BatchStats,
     w: &[f32],
@@ -128,12 +174,17 @@ pub(crate) fn bn_backward(
     let m = st.m;
     // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep the sums
     // exact enough when the mean is large against the spread.
+    let row = |i: usize, ch: usize| (i * c + ch) * hw..(i * c + ch + 1) * hw;
     let sums = |ch: usize| {
         let meanf = st[ch].0 as f32;
         let (mut db, mut dxc) = (0f64, 0f64);
+        let mut scratch = Scratch::default();
         for i in 0..n {
-            let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-            let (sb, sx) = bn_row_sums(&x[r.clone()], &dy[r.clone()], relu.map(|y| &y[r]), meanf);
+            let r = row(i, ch);
+            let xr = &x[r.clone()];
+            let (sb, sx) = rows.with_row((i, ch), r, &mut scratch, |dy, relu| {
+                bn_row_sums(xr, dy, relu, meanf)
+            });
             db += sb as f64;
             dxc += sx as f64;
         }
@@ -149,22 +200,19 @@ pub(crate) fn bn_backward(
         let a = (k * m) as f32;
         let bx = (-k * dw * istd) as f32;
         let c0 = (-k * db) as f32;
+        let mut scratch = Scratch::default();
         for i in 0..n {
-            let off = (i * c + ch) * hw;
+            let r = row(i, ch);
+            let off = r.start;
             // SAFETY: as in the forward pass, channel `ch` owns these indices.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
             // SAFETY: the masked-dy block mirrors dx; channel `ch` owns these indices.
             let g_out = emit_g
                 .then(|| unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) });
-            let r = off..off + hw;
-            bn_dx_row(
-                dst,
-                &x[r.clone()],
-                &dy[r.clone()],
-                relu.map(|y| &y[r]),
-                (a, bx, c0, mean as f32),
-                g_out,
-            );
+            let xr = &x[r.clone()];
+            rows.with_row((i, ch), r, &mut scratch, |dy, relu| {
+                bn_dx_row(dst, xr, dy, relu, (a, bx, c0, mean as f32), g_out)
+            });
         }
         // SAFETY: slots numel + ch and numel + c + ch belong to channel `ch` alone.
         unsafe {
