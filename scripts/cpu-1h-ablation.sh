@@ -27,7 +27,8 @@
 # 512-512-512 instead of 1024-1024-1024), b512 (batch 512, LARS lr 0.4 by the linear rule);
 # the last two take their epochs from SELFSUP_EPOCHS (set from their measured speed against
 # v24s035's 9 epochs); from v24s035 (9 epochs): j05 / j15 (the colour jitter's strengths
-# times 0.5 / 1.5), lr01s035 / lr03s035 (LARS lr 0.1 / 0.3 instead of 0.2). SELFSUP_RUNS: the runs'
+# times 0.5 / 1.5), lr01s035 / lr025s035 / lr03s035 / lr04s035 (LARS lr 0.1 / 0.25 / 0.3 / 0.4
+# instead of 0.2). SELFSUP_RUNS: the runs'
 # folder (runs/cpu-1h-ablation); SELFSUP_THREADS: threads of the run's one process (2; a run's
 # numbers do not depend on it, so two rows can run side by side with 1 thread each).
 set -euo pipefail
@@ -42,18 +43,19 @@ echo "| row | epochs | train wall (s) | images/s | kNN top-1 | kNN top-1, flip T
 echo "| --- | --- | --- | --- | --- | --- |"
 for row in "${ROWS[@]}"; do
   # The ablations' base: the preset as it was before its global views changed (32 px views
-  # from 8-100% of the image, a fixed length without a time budget). A row that changes the
-  # views sets size / scale itself.
-  size=32 scale=0.08
+  # from 8-100% of the image, a fixed length without a time budget) and before its learning
+  # rate did (LARS lr 0.2). A row that changes the views sets size / scale itself, one that
+  # changes the learning rate (or the batch, which does not rescale a given rate) lr.
+  size=32 scale=0.08 lr=0.2
   case $row in
     proj2048) args=(--epochs 4 --proj-hidden 2048 --proj-out 2048) ;;
     proj1024) args=(--epochs 6) ;;
     local4) args=(--epochs 3 --local-crops 4) ;;
     local2) args=(--epochs 4 --local-crops 2) ;;
-    batch128) args=(--epochs 6 --batch-size 128) ;;
+    batch128) args=(--epochs 6 --batch-size 128); lr=0.1 ;;
     barlow) args=(--epochs 6 --method barlow --proj-hidden 1024 --proj-out 1024) ;;
-    simclr) args=(--epochs 8 --method simclr --optimizer sgd --lr 0.12 --weight-decay 5e-4) ;;
-    lr04) args=(--epochs 6 --lr 0.4) ;;
+    simclr) args=(--epochs 8 --method simclr --optimizer sgd --weight-decay 5e-4); lr=0.12 ;;
+    lr04) args=(--epochs 6); lr=0.4 ;;
     crop02) args=(--epochs 6); scale=0.2 ;;
     crop035) args=(--epochs 6); scale=0.35 ;;
     d512) args=(--epochs 6 --encoder small-cnn-d512) ;;
@@ -64,16 +66,18 @@ for row in "${ROWS[@]}"; do
     v20s02) args=(--epochs 11); size=20 scale=0.2 ;;
     v24s035) args=(--epochs 9); size=24 scale=0.35 ;;
     wd1e4) args=(--epochs 9 --weight-decay 1e-4); size=24 scale=0.2 ;;
-    lr01) args=(--epochs 9 --lr 0.1); size=24 scale=0.2 ;;
+    lr01) args=(--epochs 9); size=24 scale=0.2 lr=0.1 ;;
     v24s05) args=(--epochs 9); size=24 scale=0.5 ;;
     p2) args=(--epochs 7 --encoder small-cnn-p2); size=24 scale=0.35 ;;
     w2) args=(--epochs 4 --encoder small-cnn-w2); size=24 scale=0.35 ;;
     proj512) args=(--epochs "${SELFSUP_EPOCHS:-10}" --proj-hidden 512 --proj-out 512); size=24 scale=0.35 ;;
-    b512) args=(--epochs "${SELFSUP_EPOCHS:-9}" --batch-size 512 --lr 0.4); size=24 scale=0.35 ;;
+    b512) args=(--epochs "${SELFSUP_EPOCHS:-9}" --batch-size 512); size=24 scale=0.35 lr=0.4 ;;
     j05) args=(--epochs 9 --jitter-scale 0.5); size=24 scale=0.35 ;;
     j15) args=(--epochs 9 --jitter-scale 1.5); size=24 scale=0.35 ;;
-    lr01s035) args=(--epochs 9 --lr 0.1); size=24 scale=0.35 ;;
-    lr03s035) args=(--epochs 9 --lr 0.3); size=24 scale=0.35 ;;
+    lr01s035) args=(--epochs 9); size=24 scale=0.35 lr=0.1 ;;
+    lr03s035) args=(--epochs 9); size=24 scale=0.35 lr=0.3 ;;
+    lr04s035) args=(--epochs 9); size=24 scale=0.35 lr=0.4 ;;
+    lr025s035) args=(--epochs 9); size=24 scale=0.35 lr=0.25 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
@@ -81,7 +85,7 @@ for row in "${ROWS[@]}"; do
   start=$(date +%s)
   # One process (the preset's automatic ranks would take every core whatever THREADS says).
   "$BIN" train --preset cifar10-cpu-1h --ranks 1 --threads "$THREADS" --knn-flip false --knn-every 100 \
-    --time-budget 0s --crop-size "$size" --crop-min-scale "$scale" \
+    --time-budget 0s --crop-size "$size" --crop-min-scale "$scale" --lr "$lr" \
     "${args[@]}" --out "$out" >"$out.log" 2>&1
   wall=$(( $(date +%s) - start ))
   knn=$(grep -o '"knn_top1":[0-9.]*' "$out/metrics.jsonl" | tail -1 | cut -d: -f2)

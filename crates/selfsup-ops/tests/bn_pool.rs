@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 mod common;
-use common::{bn_relu_train, max_rel};
+use common::{backward_of, bn_relu_train, max_rel};
 
 /// Training-mode BatchNorm + ReLU from candle's primitive ops, then our max pool; also the
 /// batch mean and biased variance.
@@ -115,18 +115,7 @@ fn bn_relu_max_pool_equals_our_separate_ops_exactly() {
             assert_eq!(bits(&fused.y), bits(&separate), "{what}: forward");
             assert_eq!(bits(&fused.mean), bits(&bn.mean), "{what}: mean");
             assert_eq!(bits(&fused.var), bits(&bn.var), "{what}: var");
-            let g1 = (&fused.y * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&separate * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g1, g2) = (backward_of(&fused.y, &r), backward_of(&separate, &r));
             for (v, name) in [(&x, "x"), (&w, "weight"), (&b, "bias")] {
                 let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
                 assert_eq!(bits(a.unwrap()), bits(b.unwrap()), "{what}: d{name}");

@@ -33,3 +33,8 @@ pub fn bn_relu_train(x: &Tensor, w: &Tensor, b: &Tensor) -> [Tensor; 3] {
         .unwrap();
     [h, mean.flatten_all().unwrap(), var.flatten_all().unwrap()]
 }
+
+/// The gradients of `sum(y * r)`: a random projection `r` of `y`'s gradient, pulled back.
+pub fn backward_of(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+    (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+}
