@@ -364,6 +364,55 @@ impl BatchNorm {
         max_pool2d(&self.forward_act(x, train, true)?, k, stride, padding)
     }
 
+    /// `max_pool2d(relu(bn(conv(x))))` (small-cnn's layers): in training mode on the CPU one
+    /// node of the graph (`selfsup_ops::conv2d_batch_norm_relu_max_pool2d`), so that the
+    /// convolution's output gradient skips candle's zero-filled accumulation; otherwise the
+    /// convolution then [`Self::forward_relu_max_pool`]. The same values either way.
+    pub fn forward_conv_relu_max_pool(
+        &self,
+        x: &Tensor,
+        conv: &Conv2d,
+        train: bool,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        if let (true, Some(w), Some(b), None) =
+            (self.fused(x, train), &self.weight, &self.bias, &conv.bias)
+        {
+            let c = self.running_mean.dim(0)?;
+            let cw = conv.weight.dims();
+            if x.rank() == 4 && cw.len() == 4 && cw[0] == c && cw[2] == cw[3] && 2 * padding <= k {
+                let out = selfsup_ops::conv2d_batch_norm_relu_max_pool2d(
+                    x,
+                    &conv.weight,
+                    conv.stride,
+                    conv.padding,
+                    w,
+                    b,
+                    self.eps,
+                    k,
+                    stride,
+                    padding,
+                    self.ops_sync().as_ref(),
+                )?;
+                // Values per channel of the convolution's output, for the running variance.
+                let (n, _, h, wd) = x.dims4()?;
+                let side = |s: usize| (s + 2 * conv.padding - cw[2]) / conv.stride + 1;
+                let count = n * side(h) * side(wd);
+                if count < 2 {
+                    return Err(crate::Error::Config(format!(
+                        "batch norm in train mode needs more than one value per channel, got {count} from input {:?}",
+                        x.shape()
+                    )));
+                }
+                self.update_running(&out.mean, &out.var, count)?;
+                return Ok(out.y);
+            }
+        }
+        self.forward_relu_max_pool(&conv.forward_t(x, train)?, train, k, stride, padding)
+    }
+
     /// `conv(relu(bn(x)))` (the middle of a ResNet block): in training mode on the CPU one op
     /// that recomputes `relu(bn(x))` in its backward instead of keeping it
     /// (`selfsup_ops::batch_norm_relu_conv2d`, an activation-sized tensor less per use);

@@ -156,12 +156,15 @@ impl ResNet {
     /// The forward; `detach` cuts the graph after the stem and every block (inference).
     fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
         let cut = |t: Tensor| if detach { t.detach() } else { t };
-        let z = self.conv1.forward_t(x, train)?;
         let mut y = cut(match self.stem {
-            Stem::Cifar => self.bn1.forward_act(&z, train, true)?,
-            Stem::Imagenet => self.bn1.forward_relu_max_pool(&z, train, 3, 2, 1)?,
+            Stem::Cifar => self
+                .bn1
+                .forward_act(&self.conv1.forward_t(x, train)?, train, true)?,
+            Stem::Imagenet => {
+                self.bn1
+                    .forward_conv_relu_max_pool(x, &self.conv1, train, 3, 2, 1)?
+            }
         });
-        drop(z);
         for b in &self.blocks {
             y = cut(b.forward_t(&y, train)?);
         }

@@ -74,12 +74,12 @@ impl SmallCnn {
     fn run(&self, x: &Tensor, train: bool, detach: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (conv, bn)) in self.layers.iter().enumerate() {
-            let z = conv.forward_t(&x, train)?;
             x = if i < self.pools {
-                // One op on the CPU that keeps no copy of the rectified tensor.
-                bn.forward_relu_max_pool(&z, train, 2, 2, 0)?
+                // One graph node on the CPU in training: no copy of the rectified tensor, and
+                // the convolution's output gradient never goes through candle's store.
+                bn.forward_conv_relu_max_pool(&x, conv, train, 2, 2, 0)?
             } else {
-                bn.forward_act(&z, train, true)?
+                bn.forward_act(&conv.forward_t(&x, train)?, train, true)?
             };
             if detach {
                 x = x.detach();

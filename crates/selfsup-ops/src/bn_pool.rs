@@ -24,10 +24,10 @@ use crate::pool::{pool_bwd_plane, pool_fwd_plane, Pool};
 use crate::util::{output_buffer, scale_shift_row};
 
 /// Forward: inputs `(x, cat(weight, bias))`.
-struct BnReluPool {
-    p: Pool,
-    eps: f64,
-    stats: Stats64,
+pub(crate) struct BnReluPool {
+    pub(crate) p: Pool,
+    pub(crate) eps: f64,
+    pub(crate) stats: Stats64,
 }
 
 impl CustomOp2 for BnReluPool {

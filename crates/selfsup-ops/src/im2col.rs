@@ -302,25 +302,32 @@ fn conv2d_with(
     winograd: bool,
 ) -> Result<Tensor> {
     let fast = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    let (_o, c, k, k2) = w.dims4()?;
+    let (_o, _c, k, k2) = w.dims4()?;
     if !fast || k != k2 {
         return x.conv2d(w, pad, stride, 1, 1);
     }
-    let (n, cx, _, _) = x.dims4()?;
-    if cx != c {
+    let g = conv_geometry(x, w, stride, pad)?;
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, crate::conv::Conv { g, winograd })
+}
+
+/// The geometry of `conv2d(x, w)` (square kernel), or an error when the shapes do not fit.
+pub(crate) fn conv_geometry(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Geometry> {
+    let (_o, c, k, k2) = w.dims4()?;
+    let (n, cx, h, wd) = x.dims4()?;
+    if cx != c || k != k2 {
         candle_core::bail!(
-            "conv2d: input has {cx} channels, weight {:?} expects {c}",
+            "conv2d: input has {cx} channels, weight {:?} expects {c} (square kernels only)",
             w.dims()
         );
     }
-    let (h, wd) = (x.dim(2)?, x.dim(3)?);
     if k == 0 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!(
             "conv2d: kernel {k} stride {stride} padding {pad} does not fit {:?}",
             x.dims()
         );
     }
-    let g = Geometry {
+    Ok(Geometry {
         n,
         c,
         h,
@@ -328,7 +335,5 @@ fn conv2d_with(
         k,
         stride,
         pad,
-    };
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, crate::conv::Conv { g, winograd })
+    })
 }

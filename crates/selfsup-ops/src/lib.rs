@@ -26,6 +26,9 @@
 //!   and one `(sample, channel)` plane at a time: the rectified plane and its gradient live
 //!   in a buffer that stays in cache, so the rectified tensor (four times the pooled one) and
 //!   its gradient are never written out, forward or backward.
+//!   [`conv2d_batch_norm_relu_max_pool2d`] puts the convolution before it into the same graph
+//!   node, so that the convolution's output gradient (four times the pooled one) skips
+//!   candle's zero-filled accumulation buffer.
 //! - [`max_pool2d`]: any window/stride/padding, the gradient to the first maximum (PyTorch's
 //!   rule; candle 0.11's own max-pool gradient is scaled by `1/k^2`).
 //! - [`global_avg_pool`]: `(N, C, H, W) -> (N, C)` in one pass, its backward in another.
@@ -38,6 +41,7 @@ mod batch_norm;
 mod bn_conv;
 mod bn_pool;
 mod conv;
+mod conv_bn_pool;
 mod im2col;
 mod pool;
 mod util;
@@ -51,5 +55,6 @@ pub use batch_norm::{
 };
 pub use bn_conv::batch_norm_relu_conv2d;
 pub use bn_pool::batch_norm_relu_max_pool2d;
+pub use conv_bn_pool::conv2d_batch_norm_relu_max_pool2d;
 pub use im2col::{col2im, conv2d, conv2d_fast_forward, im2col, Geometry};
 pub use pool::max_pool2d;
