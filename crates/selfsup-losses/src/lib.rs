@@ -31,6 +31,7 @@ pub mod ops;
 mod supcon;
 mod triplet;
 mod vicreg;
+mod vicreg_sharded;
 
 pub use barlow_twins::BarlowTwins;
 pub use cosine::{CosineSimilarity, NegativeCosine};
@@ -41,6 +42,7 @@ pub use nt_xent::NtXent;
 pub use supcon::SupCon;
 pub use triplet::TripletMargin;
 pub use vicreg::Vicreg;
+pub use vicreg_sharded::{Ranks, SumAcrossRanks};
 
 use candle_core::Tensor;
 

@@ -41,6 +41,11 @@ impl Vicreg {
             cov: cov_weight,
         })
     }
+
+    /// The invariance, variance and covariance weights.
+    pub fn weights(&self) -> (f64, f64, f64) {
+        (self.sim, self.var, self.cov)
+    }
 }
 
 fn variance_term(x: &Tensor, n: usize) -> Result<Tensor> {

@@ -43,15 +43,18 @@ impl EncoderHead {
     /// then gathered from every rank (`(world * N, D)` each, rank 0's rows first), so the loss
     /// sees the global batch.
     pub fn project_pair(&self, v0: &Tensor, v1: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (z0, z1) = self.project_pair_local(v0, v1)?;
+        Ok((gather(&self.comm, &z0)?, gather(&self.comm, &z1)?))
+    }
+
+    /// [`Self::project_pair`] without the gather: this rank's rows only.
+    pub fn project_pair_local(&self, v0: &Tensor, v1: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = v0.dim(0)?;
         let x = Tensor::cat(&[v0, v1], 0)?;
         let z = self
             .head
             .forward_t(&self.encoder.forward_t(&x, true)?, true)?;
-        Ok((
-            gather(&self.comm, &z.narrow(0, 0, n)?)?,
-            gather(&self.comm, &z.narrow(0, n, n)?)?,
-        ))
+        Ok((z.narrow(0, 0, n)?, z.narrow(0, n, n)?))
     }
 }
 
