@@ -138,8 +138,8 @@ impl CustomOp2 for VicregOp {
         if n < 2 {
             candle_core::bail!("VICReg needs a batch of at least 2, got {n}");
         }
-        let means = [&head[..d], &head[d..2 * d]].map(|s| s.iter().map(|v| v / n as f32).collect());
-        let means: [Vec<f32>; 2] = means;
+        let means: [Vec<f32>; 2] =
+            [&head[..d], &head[d..2 * d]].map(|s| s.iter().map(|v| v / n as f32).collect());
         let mut grams = gram(centred(a, &means[0]), rows, d)?;
         grams.extend(gram(centred(b, &means[1]), rows, d)?);
         self.sum(&mut grams)?;
@@ -216,10 +216,9 @@ impl CustomOp2 for VicregOp {
                     }
                 })
                 .collect();
-            let xct = Tensor::from_vec(xc, (rows, d), &Device::Cpu)?;
+            let xct = Tensor::from_slice(&xc, (rows, d), &Device::Cpu)?;
             let coff = Tensor::from_slice(&st.cov_off, (d, d), &Device::Cpu)?;
             let mut dx = xct.matmul(&coff)?.flatten_all()?.to_vec1::<f32>()?;
-            let xc = xct.flatten_all()?.to_vec1::<f32>()?;
             for (i, row) in dx.chunks_mut(d).enumerate() {
                 for j in 0..d {
                     let e = av[i * d + j] - bv[i * d + j];
