@@ -107,6 +107,8 @@ struct PooledRows<'a> {
 }
 
 impl GradRows for PooledRows<'_> {
+    const RECOMPUTED: bool = true;
+
     fn with_row<R>(
         &self,
         (i, ch): (usize, usize),

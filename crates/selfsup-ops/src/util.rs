@@ -201,6 +201,28 @@ fn bn_dx_row_plain(d: &mut [f32], x: &[f32], dy: &[f32], a: f32, bx: f32, c0: f3
     }
 }
 
+/// `d_j = dy_j` where `y_j > 0` (or everywhere without `y`), else 0: the gradient through a
+/// ReLU whose output is `y`.
+pub(crate) fn masked_row(d: &mut [f32], dy: &[f32], y: Option<&[f32]>) {
+    match y {
+        Some(y) => mask_row(d, dy, y),
+        None => d.copy_from_slice(dy),
+    }
+}
+
+/// [`bn_dx_row`] without a ReLU over `d`, which holds the output gradient on entry and dx
+/// on return (the same arithmetic, so the same values).
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+pub(crate) fn bn_dx_row_in_place(
+    d: &mut [f32],
+    x: &[f32],
+    (a, bx, c0, mean): (f32, f32, f32, f32),
+) {
+    for (d, &xj) in d.iter_mut().zip(x) {
+        *d = a * *d + bx * (xj - mean) + c0;
+    }
+}
+
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn mask_row(d: &mut [f32], dy: &[f32], y: &[f32]) {
     for (d, (&dyj, &yj)) in d.iter_mut().zip(dy.iter().zip(y)) {

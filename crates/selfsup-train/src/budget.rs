@@ -17,6 +17,16 @@
 /// The share of the budget kept free for a machine that slows down during the run.
 pub const BUDGET_MARGIN: f64 = 0.05;
 
+/// Whether the kNN monitor (every `every` epochs, 0: never) evaluates after `epoch` of a run
+/// of `epochs`: after every `every`-th epoch and after the last one, except a periodic
+/// evaluation less than half an interval before the last one, which would report nearly the
+/// encoder the final evaluation reports and cost as much (a 31-epoch run monitored every 10
+/// epochs evaluates after epochs 10, 20 and 31, not 30).
+pub fn knn_due(epoch: usize, epochs: usize, every: usize) -> bool {
+    every > 0
+        && (epoch == epochs || (epoch % every == 0 && 2 * epochs.saturating_sub(epoch) >= every))
+}
+
 /// What the first epoch measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EpochCosts {
@@ -30,7 +40,7 @@ pub struct EpochCosts {
 }
 
 /// The number of epochs (at least `done`, at most `max_epochs`) whose remaining epochs and kNN
-/// evaluations (every `knn_every` epochs and after the last one; `knn_every` 0: none) fit in
+/// evaluations (those [`knn_due`]; `knn_every` 0: none) fit in
 /// `budget_s` less [`BUDGET_MARGIN`], after `done` epochs that cost `c.elapsed_s`.
 pub fn fit_epochs(
     budget_s: f64,
@@ -86,13 +96,7 @@ fn fit_with_margin(
     let avail = budget_s * (1.0 - margin) - c.elapsed_s;
     let cost = |n: usize| -> f64 {
         // Epochs done+1 ..= n, each with its kNN evaluation where one is due.
-        let knns = if knn_every == 0 || n == done {
-            0
-        } else {
-            (done + 1..=n)
-                .filter(|e| e % knn_every == 0 || *e == n)
-                .count()
-        };
+        let knns = (done + 1..=n).filter(|&e| knn_due(e, n, knn_every)).count();
         (n - done) as f64 * c.epoch_s + knns as f64 * c.knn_s
     };
     let mut n = done;
@@ -124,17 +128,33 @@ mod tests {
     }
 
     #[test]
-    fn refits_shorten_at_once_and_lengthen_only_when_allowed() {
-        // After 10 epochs and 2 kNN evaluations: 1060 s spent, 100 s an epoch, 30 s a kNN.
-        let c = EpochCosts {
-            elapsed_s: 1060.0,
-            epoch_s: 100.0,
-            knn_s: 30.0,
+    fn the_monitor_skips_a_periodic_evaluation_just_before_the_final_one() {
+        let due = |epochs, every| {
+            (1..=epochs)
+                .filter(|&e| knn_due(e, epochs, every))
+                .collect::<Vec<_>>()
         };
-        // Budget 3000 s: less 5%, 1790 s left: epochs 11-26 (1600 s) and kNN after 15, 20, 25
-        // and 26 (120 s) = 1720 s; 27 epochs would cost 1850 s.
+        assert_eq!(due(31, 10), [10, 20, 31]);
+        assert_eq!(due(35, 10), [10, 20, 30, 35]);
+        assert_eq!(due(34, 10), [10, 20, 34]);
+        assert_eq!(due(4, 1), [1, 2, 3, 4]);
+        assert_eq!(due(5, 2), [2, 4, 5]);
+        assert_eq!(due(5, 0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn refits_shorten_at_once_and_lengthen_only_when_allowed() {
+        // After 10 epochs and 2 kNN evaluations: 1080 s spent, 100 s an epoch, 40 s a kNN.
+        let c = EpochCosts {
+            elapsed_s: 1080.0,
+            epoch_s: 100.0,
+            knn_s: 40.0,
+        };
+        // Budget 3000 s: less 5%, 1770 s left: epochs 11-26 (1600 s) and kNN after 15, 20
+        // and 26 (120 s; not after 25, half an interval before the last) = 1720 s; 27 epochs
+        // would cost 1820 s.
         assert_eq!(fit_epochs(3000.0, c, 10, 100, 5), 26);
-        // Less 2.5%, 1865 s: 27 epochs (1850 s) still fit, so a run fitted to 27 keeps them.
+        // Less 2.5%, 1845 s: 27 epochs (1820 s) still fit, so a run fitted to 27 keeps them.
         assert_eq!(refit_epochs(27, 3000.0, c, 10, 100, 5, false), 27);
         assert_eq!(refit_epochs(27, 3000.0, c, 10, 100, 5, true), 27);
         // 30 epochs no longer fit: shortened to the most that fit less half the margin.

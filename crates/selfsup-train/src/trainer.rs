@@ -728,10 +728,8 @@ impl Trainer {
             }
             let calibrate = fitting && self.epoch == 1;
             // The budget's calibration epoch measures a kNN evaluation too.
-            let knn_due = self.cfg.knn_every > 0
-                && (self.epoch % self.cfg.knn_every == 0
-                    || self.epoch == self.cfg.epochs
-                    || calibrate);
+            let knn_due = crate::budget::knn_due(self.epoch, self.cfg.epochs, self.cfg.knn_every)
+                || (calibrate && self.cfg.knn_every > 0);
             // Every rank extracts its share of the features; rank 0 votes.
             let t_knn = Instant::now();
             let knn_res = if knn_due { self.knn_eval()? } else { None };

@@ -1,7 +1,7 @@
 //! Training-mode BatchNorm(+ReLU): [`batch_norm_train`] and its backward.
 
 use super::*;
-use crate::util::{bn_dx_row, bn_row_sums, output_buffer};
+use crate::util::{bn_dx_row, bn_dx_row_in_place, bn_row_sums, masked_row, output_buffer};
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -115,6 +115,10 @@ impl CustomOp3 for BnGrad {
 /// recomputed per row into a task's scratch buffers (which stay in cache, where full-size
 /// intermediate tensors would be written to memory and read back).
 pub(crate) trait GradRows: Sync {
+    /// Whether [`GradRows::with_row`] recomputes its rows (a fused op's backward through
+    /// layers after BatchNorm): [`bn_backward`] then keeps each row's masked gradient in dx's
+    /// slots between its two passes instead of asking for it twice.
+    const RECOMPUTED: bool = false;
     /// Calls `f(dy, relu)` with the row of sample `i`, channel `ch` (elements `range` of the
     /// `(N, C, hw)` input) of the gradient reaching BatchNorm's output and, with a fused ReLU,
     /// of the forward's rectified output, whose non-positive entries mask `dy`. `scratch`
@@ -158,9 +162,9 @@ impl GradRows for Stored<'_> {
 /// gradient reaching the normalised output (`dy` masked by the ReLU) after them, reading the
 /// output gradient's rows from `rows`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn bn_backward(
+pub(crate) fn bn_backward<R: GradRows>(
     x: &[f32],
-    rows: &impl GradRows,
+    rows: &R,
     (n, c, hw): (usize, usize, usize),
     st: &BatchStats,
     w: &[f32],
@@ -172,6 +176,9 @@ pub(crate) fn bn_backward(
     assert!(out.len() >= numel + 2 * c + if emit_g { numel } else { 0 });
     let p = Out(out.as_mut_ptr());
     let m = st.m;
+    // Recomputed rows: the first pass leaves the masked gradient in dx's slots, the second
+    // turns it into dx in place.
+    let keep = R::RECOMPUTED && !emit_g;
     // Sums in f64 across rows, f32 within a row of `hw` values; centred values keep the sums
     // exact enough when the mean is large against the spread.
     let row = |i: usize, ch: usize| (i * c + ch) * hw..(i * c + ch + 1) * hw;
@@ -182,7 +189,13 @@ pub(crate) fn bn_backward(
         for i in 0..n {
             let r = row(i, ch);
             let xr = &x[r.clone()];
+            let off = r.start;
             let (sb, sx) = rows.with_row((i, ch), r, &mut scratch, |dy, relu| {
+                if keep {
+                    // SAFETY: channel `ch` owns these indices of dx.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(p.at(off), hw) };
+                    masked_row(dst, dy, relu);
+                }
                 bn_row_sums(xr, dy, relu, meanf)
             });
             db += sb as f64;
@@ -210,6 +223,10 @@ pub(crate) fn bn_backward(
             let g_out = emit_g
                 .then(|| unsafe { std::slice::from_raw_parts_mut(p.at(numel + 2 * c + off), hw) });
             let xr = &x[r.clone()];
+            if keep {
+                bn_dx_row_in_place(dst, xr, (a, bx, c0, mean as f32));
+                continue;
+            }
             rows.with_row((i, ch), r, &mut scratch, |dy, relu| {
                 bn_dx_row(dst, xr, dy, relu, (a, bx, c0, mean as f32), g_out)
             });
