@@ -893,26 +893,32 @@ pub fn all_reduce_gradients(
     if comm.world_size() == 1 {
         return Ok(());
     }
-    let mut parts = Vec::new();
+    // One flat buffer of every gradient (one copy each), averaged in place, then cut back
+    // into views of it.
+    let mut buf: Vec<f32> = Vec::new();
     let mut have = Vec::new();
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
-            parts.push(
-                g.detach()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_device(&Device::Cpu)?,
-            );
+            let g = g.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let (storage, layout) = g.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
+                    buf.extend_from_slice(&cpu.as_slice::<f32>()?[a..b])
+                }
+                _ => {
+                    drop(storage);
+                    buf.extend(g.flatten_all()?.to_vec1::<f32>()?)
+                }
+            }
             have.push(p.var.as_tensor().clone());
         }
     }
-    if parts.is_empty() {
+    if have.is_empty() {
         return Ok(());
     }
-    let flat = Tensor::cat(&parts, 0)?;
-    let mut buf = flat.to_vec1::<f32>()?;
     selfsup_dist::all_reduce_mean_f32(comm, &mut buf)?;
-    let flat = Tensor::from_vec(buf, flat.shape(), &Device::Cpu)?;
+    let len = buf.len();
+    let flat = Tensor::from_vec(buf, len, &Device::Cpu)?;
     let mut at = 0;
     for var in have {
         let n = var.elem_count();
