@@ -282,3 +282,80 @@ fn biases_and_norm_parameters_take_the_bias_learning_rate_scale() {
         );
     }
 }
+
+/// LARS's f32 loops against the f64 tensor formulation on a projector-sized weight and a
+/// bias over many steps: the same trajectory to f32 precision.
+#[test]
+fn f32_lars_follows_the_f64_formulation_on_large_parameters() {
+    let dev = Device::Cpu;
+    let run = |dtype: DType| {
+        let w = Var::from_tensor(
+            &Tensor::from_vec(
+                (0..512 * 256)
+                    .map(|i| (((i as u64 * 7919) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+                    .collect::<Vec<f32>>(),
+                (512, 256),
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        )
+        .unwrap();
+        let b = Var::from_tensor(&Tensor::zeros(512, dtype, &dev).unwrap()).unwrap();
+        let mut cfg = OptimConfig::defaults(OptimizerKind::Lars);
+        cfg.weight_decay = 1e-6;
+        let params = vec![
+            Param {
+                name: "w".into(),
+                var: w.clone(),
+                decay: true,
+            },
+            Param {
+                name: "b".into(),
+                var: b.clone(),
+                decay: false,
+            },
+        ];
+        let mut opt = Optim::new(cfg, params).unwrap();
+        for k in 0..30u64 {
+            // Deterministic pseudo-random gradients, the same for both precisions.
+            let gw: Vec<f32> = (0..512 * 256)
+                .map(|i| (((i as u64 * 2654435761 + k * 97) % 1000) as f32 / 1000.0 - 0.5) * 1e-3)
+                .collect();
+            let gb: Vec<f32> = (0..512)
+                .map(|i| (((i as u64 * 40503 + k * 13) % 1000) as f32 / 1000.0 - 0.5) * 1e-2)
+                .collect();
+            let mut gs = GradStore::default();
+            gs.insert(
+                w.as_tensor(),
+                Tensor::from_vec(gw, (512, 256), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            gs.insert(
+                b.as_tensor(),
+                Tensor::from_vec(gb, 512, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            opt.step(&gs, 0.3, 1.0).unwrap();
+        }
+        (
+            w.as_tensor().to_dtype(DType::F64).unwrap(),
+            b.as_tensor().to_dtype(DType::F64).unwrap(),
+        )
+    };
+    let (w32, b32) = run(DType::F32);
+    let (w64, b64) = run(DType::F64);
+    let dw = max_diff(&w32, &w64);
+    let db = max_diff(&b32, &b64);
+    let moved = max_diff(&w64, &run(DType::F64).0);
+    assert_eq!(moved, 0.0);
+    assert!(
+        dw < 1e-5 && db < 1e-5,
+        "f32 loops differ by {dw:e} / {db:e}"
+    );
+}
