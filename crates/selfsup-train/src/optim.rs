@@ -393,7 +393,7 @@ fn sgd_step_f32(
     let lr32 = lr as f32;
     let new_buf = if c.momentum != 0.0 {
         let m = c.momentum as f32;
-        let mut b: Vec<f32> = match buf {
+        let b: Vec<f32> = match buf {
             Some(b) => {
                 let mut b: Vec<f32> = b.flatten_all()?.to_vec1()?;
                 b.iter_mut().zip(&g).for_each(|(b, &x)| *b = *b * m + x);
@@ -408,8 +408,7 @@ fn sgd_step_f32(
         } else {
             w.iter_mut().zip(&b).for_each(|(p, &bb)| *p -= bb * lr32);
         }
-        let t = Tensor::from_vec(std::mem::take(&mut b), shape.clone(), &device)?;
-        Some(t)
+        Some(Tensor::from_vec(b, shape.clone(), &device)?)
     } else {
         w.iter_mut().zip(&g).for_each(|(p, &x)| *p -= x * lr32);
         None

@@ -37,6 +37,22 @@ fn t(v: &Value) -> Tensor {
     }
 }
 
+/// A weight `w` (decayed, LARS-adapted) and a bias `b` (neither).
+fn weight_and_bias(w: &Var, b: &Var) -> Vec<Param> {
+    vec![
+        Param {
+            name: "w".into(),
+            var: w.clone(),
+            decay: true,
+        },
+        Param {
+            name: "b".into(),
+            var: b.clone(),
+            decay: false,
+        },
+    ]
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
@@ -88,18 +104,7 @@ fn torch_cases(dtype: DType, tol: f64) {
         }
         let w = Var::from_tensor(&t(&doc["w0"])).unwrap();
         let b = Var::from_tensor(&t(&doc["b0"])).unwrap();
-        let params = vec![
-            Param {
-                name: "w".into(),
-                var: w.clone(),
-                decay: true,
-            },
-            Param {
-                name: "b".into(),
-                var: b.clone(),
-                decay: false,
-            },
-        ];
+        let params = weight_and_bias(&w, &b);
         let mut opt = Optim::new(cfg, params).unwrap();
         for (k, (g, lr)) in doc["grads"]
             .as_array()
@@ -256,18 +261,7 @@ fn biases_and_norm_parameters_take_the_bias_learning_rate_scale() {
                 bias_lr_scale: 0.25,
                 ..OptimConfig::defaults(kind)
             },
-            vec![
-                Param {
-                    name: "w".into(),
-                    var: w.clone(),
-                    decay: true,
-                },
-                Param {
-                    name: "b".into(),
-                    var: b.clone(),
-                    decay: false,
-                },
-            ],
+            weight_and_bias(&w, &b),
         )
         .unwrap();
         let loss = (w.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
@@ -305,18 +299,7 @@ fn f32_lars_follows_the_f64_formulation_on_large_parameters() {
         let b = Var::from_tensor(&Tensor::zeros(512, dtype, &dev).unwrap()).unwrap();
         let mut cfg = OptimConfig::defaults(OptimizerKind::Lars);
         cfg.weight_decay = 1e-6;
-        let params = vec![
-            Param {
-                name: "w".into(),
-                var: w.clone(),
-                decay: true,
-            },
-            Param {
-                name: "b".into(),
-                var: b.clone(),
-                decay: false,
-            },
-        ];
+        let params = weight_and_bias(&w, &b);
         let mut opt = Optim::new(cfg, params).unwrap();
         for k in 0..30u64 {
             // Deterministic pseudo-random gradients, the same for both precisions.
