@@ -28,7 +28,8 @@
 # the last two take their epochs from SELFSUP_EPOCHS (set from their measured speed against
 # v24s035's 9 epochs); from v24s035 (9 epochs): j05 / j15 (the colour jitter's strengths
 # times 0.5 / 1.5), lr01s035 / lr025s035 / lr03s035 / lr04s035 (LARS lr 0.1 / 0.25 / 0.3 / 0.4
-# instead of 0.2). SELFSUP_RUNS: the runs'
+# instead of 0.2); from lr03s035: pw (the first convolution initialised with patch-whitening
+# filters, `--patch-whitening true`). SELFSUP_RUNS: the runs'
 # folder (runs/cpu-1h-ablation); SELFSUP_THREADS: threads of the run's one process (2; a run's
 # numbers do not depend on it, so two rows can run side by side with 1 thread each).
 set -euo pipefail
@@ -78,13 +79,17 @@ for row in "${ROWS[@]}"; do
     lr03s035) args=(--epochs 9); size=24 scale=0.35 lr=0.3 ;;
     lr04s035) args=(--epochs 9); size=24 scale=0.35 lr=0.4 ;;
     lr025s035) args=(--epochs 9); size=24 scale=0.35 lr=0.25 ;;
+    pw) args=(--epochs 9 --patch-whitening true); size=24 scale=0.35 lr=0.3 ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   out=$ROOT/$row
   rm -rf "$out"
   start=$(date +%s)
   # One process (the preset's automatic ranks would take every core whatever THREADS says).
+  # Without the preset's BatchNorm recalibration (the rows before it had none; `selfsup eval
+  # knn --recalibrate-bn` scores a row's checkpoint with it).
   "$BIN" train --preset cifar10-cpu-1h --ranks 1 --threads "$THREADS" --knn-flip false --knn-every 100 \
+    --bn-recalibrate false \
     --time-budget 0s --crop-size "$size" --crop-min-scale "$scale" --lr "$lr" \
     "${args[@]}" --out "$out" >"$out.log" 2>&1
   wall=$(( $(date +%s) - start ))

@@ -120,6 +120,14 @@ pub(crate) struct TrainArgs {
     /// kNN monitor on flip-averaged features (each image and its mirror image).
     #[arg(long)]
     pub(crate) knn_flip: Option<bool>,
+    /// After the last epoch, re-estimate the encoder's BatchNorm statistics on whole training
+    /// images before the final kNN evaluation and checkpoint (precise BatchNorm).
+    #[arg(long)]
+    pub(crate) bn_recalibrate: Option<bool>,
+    /// Start the encoder's first convolution from patch-whitening filters of the training
+    /// images (a fresh run).
+    #[arg(long)]
+    pub(crate) patch_whitening: Option<bool>,
     /// Wall-clock budget of a fresh run ("1h", "55m", "3600s"; "0s": off): after the first
     /// epoch the run fits its length, at most --epochs, to end inside it, and refits it after
     /// every later epoch.
@@ -271,6 +279,8 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         train_subset,
         knn_every,
         knn_flip,
+        bn_recalibrate,
+        patch_whitening,
         crop_size,
         crop_min_scale,
         jitter_scale,

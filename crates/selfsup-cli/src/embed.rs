@@ -27,6 +27,9 @@ pub(crate) struct EmbedArgs {
 pub(crate) fn embed(a: &EmbedArgs) -> Result<()> {
     set_threads(a.ck.threads);
     let device = parse_device(&a.ck.device)?;
+    if a.ck.recalibrate_bn {
+        bail!("--recalibrate-bn applies to `selfsup eval` (knn, linear, low-label's probe); recalibrate in training with --bn-recalibrate true");
+    }
     let (enc, cfg) = load_encoder(&a.ck, &device)?;
     let (ds, size, norm) = match a.data.as_str() {
         "cifar10-train" | "cifar10-test" => {

@@ -49,6 +49,11 @@ pub(crate) struct CheckpointArgs {
     /// mean of the features of each image and its mirror image, bank and queries alike).
     #[arg(long, default_value = "none", value_parser = ["none", "flip"])]
     pub(crate) tta: String,
+    /// Before extracting features, re-estimate the encoder's BatchNorm statistics on the whole
+    /// training images (precise BatchNorm, as `train --bn-recalibrate true` does after the last
+    /// epoch; in memory only, the checkpoint is not changed).
+    #[arg(long)]
+    pub(crate) recalibrate_bn: bool,
 }
 
 /// Raw pixels as features: `(N, C, H, W) -> (N, C H W)`.
@@ -124,6 +129,10 @@ pub(crate) fn cifar_features(
         .unwrap_or_default();
     let (train, test) = load_cifar(&ck.data_dir, &src, &sha)?;
     let enc = for_inference(enc, ck, &cfg, &Normalize::cifar10());
+    if ck.recalibrate_bn {
+        let n = recalibrate(enc.as_ref(), &train, ck.threads, &device)?;
+        tracing::info!("BatchNorm statistics recalibrated on {n} training images");
+    }
     let tta: Tta = ck.tta.parse()?;
     let tr = extract_features_tta(
         enc.as_ref(),
@@ -138,4 +147,36 @@ pub(crate) fn cifar_features(
         tta,
     )?;
     Ok((tr, te))
+}
+
+/// Images per batch of `--recalibrate-bn`.
+pub(crate) const RECALIBRATION_BATCH: usize = 512;
+
+/// Precise BatchNorm over `train` (shuffled, seed 0, full batches of 512 images, or one batch
+/// of all of them when there are fewer), as the trainer's `bn_recalibrate` does after the
+/// last epoch: the number of images used.
+pub(crate) fn recalibrate(
+    enc: &dyn Encoder,
+    train: &selfsup_data::InMemory,
+    threads: usize,
+    device: &Device,
+) -> Result<usize> {
+    let loader = selfsup_data::Loader::new(
+        std::sync::Arc::new(train.clone()),
+        selfsup_data::preset_views(selfsup_data::Preset::None, 32, Normalize::cifar10()),
+        selfsup_data::LoaderConfig {
+            batch_size: RECALIBRATION_BATCH
+                .min(selfsup_data::Dataset::len(train))
+                .max(1),
+            shuffle: true,
+            drop_last: true,
+            seed: 0,
+            threads,
+            prefetch: 2,
+            shard: (0, 1),
+        },
+    )?;
+    Ok(selfsup_eval::recalibrate_batch_norm(
+        enc, &loader, device, None,
+    )?)
 }

@@ -89,7 +89,7 @@ fn record_path(ck: &CheckpointArgs) -> Option<PathBuf> {
 fn start_record(kind: &str, ck: &CheckpointArgs, settings: serde_json::Value) -> Record {
     let mut config = serde_json::json!({
         "baseline": ck.baseline, "encoder": ck.encoder, "input": ck.input, "tta": ck.tta, "device": ck.device,
-        "settings": settings,
+        "recalibrate_bn": ck.recalibrate_bn, "settings": settings,
     });
     if let Some(p) = &ck.checkpoint {
         config["checkpoint"] = serde_json::json!(std::path::absolute(p).unwrap_or(p.clone()));

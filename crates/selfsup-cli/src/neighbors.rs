@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::{data::*, encoder::*, set_threads};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use selfsup_data::folder;
@@ -91,6 +91,9 @@ pub(crate) struct NeighborsArgs {
 pub(crate) fn neighbors_cmd(a: &NeighborsArgs) -> Result<()> {
     set_threads(a.ck.threads);
     let device = parse_device(&a.ck.device)?;
+    if a.ck.recalibrate_bn {
+        bail!("--recalibrate-bn applies to `selfsup eval` (knn, linear, low-label's probe); recalibrate in training with --bn-recalibrate true");
+    }
     let (enc, cfg) = load_encoder(&a.ck, &device)?;
     let enc = for_inference(enc, &a.ck, &cfg, &Normalize::cifar10());
     let (train, test) = load_cifar(&a.ck.data_dir, "", "")?;

@@ -60,6 +60,9 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
                 // flip-averaged features, which `selfsup eval knn --tta flip` measures after).
                 knn_every: 10,
                 knn_flip: false,
+                // The BatchNorm statistics of whole 32 px images instead of the last steps'
+                // 24 px crops for the final evaluation and checkpoint (docs/results.md).
+                bn_recalibrate: true,
                 // One rank per core as threads of this process, BatchNorm over the global
                 // batch: the same run as one process (tested), faster on a few cores.
                 ranks: 0,

@@ -109,6 +109,48 @@ fn eval_prints_what_the_library_computes_and_records_it() {
         "{stdout}"
     );
 
+    // With the BatchNorm statistics recalibrated first: the library's recalibration (whole
+    // training images, shuffled with seed 0, one batch of at most 512) on the same weights.
+    let stdout = eval(&["knn", "--recalibrate-bn"]);
+    {
+        let vm = candle_nn::VarMap::new();
+        let enc = build_encoder(
+            &EncoderKind::SmallCnn,
+            seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        io::load_varmap(&vm, "", &run.join("checkpoint/encoder.safetensors")).unwrap();
+        let train = std::sync::Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
+        let n = selfsup_data::Dataset::len(train.as_ref());
+        let loader = Loader::new(
+            train,
+            selfsup_data::preset_views(selfsup_data::Preset::None, 32, Normalize::cifar10()),
+            selfsup_data::LoaderConfig {
+                batch_size: n.min(512),
+                shuffle: true,
+                drop_last: true,
+                seed: 0,
+                threads: 1,
+                prefetch: 1,
+                shard: (0, 1),
+            },
+        )
+        .unwrap();
+        selfsup_eval::recalibrate_batch_norm(enc.as_ref(), &loader, &Device::Cpu, None).unwrap();
+        let (rtr, rte) = features(enc.as_ref(), d.path());
+        let (r1, r5) = knn(&rtr.x, &trl, &rte.x, &tel, 10, KnnConfig::default()).unwrap();
+        assert_eq!(
+            numbers(&stdout, &["top-1 ", "top-5 "]),
+            [pct(r1), pct(r5)],
+            "{stdout}"
+        );
+        // The features did change, and the checkpoint did not.
+        assert_ne!(
+            rtr.x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            tr.x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
     let stdout = eval(&["linear", "--epochs", "5", "--lr", "0.01", "--knn"]);
     let probe = LinearProbeConfig {
         epochs: 5,
@@ -214,6 +256,7 @@ fn eval_prints_what_the_library_computes_and_records_it() {
             ("train", "running"),
             ("train", "done"),
             ("eval knn", "done"),
+            ("eval knn", "done"),
             ("eval linear", "done"),
             ("eval low-label", "done")
         ]
@@ -239,12 +282,14 @@ fn eval_prints_what_the_library_computes_and_records_it() {
         selfsup_data::fingerprint::file_sha256(&run.join("checkpoint/encoder.safetensors"))
             .unwrap()
     );
+    assert_eq!(recs[2]["config"]["recalibrate_bn"], false);
+    assert_eq!(recs[3]["config"]["recalibrate_bn"], true);
     assert_eq!(
-        recs[3]["results"]["linear"]["top1"].as_f64().unwrap(),
+        recs[4]["results"]["linear"]["top1"].as_f64().unwrap(),
         r.top1
     );
     assert_eq!(
-        recs[4]["results"][0]["probe_top1"].as_f64().unwrap(),
+        recs[5]["results"][0]["probe_top1"].as_f64().unwrap(),
         p.top1
     );
     // The low-label folder keeps its own copy.
@@ -302,6 +347,22 @@ fn bad_evaluation_settings_are_refused_before_any_work() {
             "1",
         ],
         "--batch-size >= 2",
+    );
+    // Recalibration is an evaluation's step: embed would silently export other features.
+    refused(
+        &[
+            &[
+                "embed",
+                "--recalibrate-bn",
+                "--data",
+                "cifar10-test",
+                "--out",
+                "e.npy",
+            ][..],
+            &base,
+        ]
+        .concat(),
+        "--recalibrate-bn applies to `selfsup eval`",
     );
     // Training: the kNN monitor's settings and an image size the encoder cannot take fail
     // before the first step, not at the end of the first epoch.

@@ -6,7 +6,9 @@
 //! - [`knn`]: weighted k-nearest-neighbour classification on cosine similarity (the InstDisc /
 //!   MoCo monitor: k = 200, votes weighted by `exp(sim / 0.1)`);
 //! - [`linear_probe`]: a linear classifier trained on the precomputed features (top-1, top-5);
-//! - [`balanced_subset`]: a seeded, class-balanced fraction of the labels (low-label protocol).
+//! - [`balanced_subset`]: a seeded, class-balanced fraction of the labels (low-label protocol);
+//! - [`recalibrate_batch_norm`]: precise BatchNorm, the running statistics re-estimated on the
+//!   images evaluation sees (the one step that changes the encoder: its BatchNorm buffers).
 //!
 //! Design choice: evaluation takes features as plain `(N, D)` tensors, so it works the same for
 //! any encoder, a checkpoint or an exported embedding file.
@@ -15,10 +17,12 @@
 mod features;
 mod knn;
 mod linear;
+mod precise_bn;
 
 pub use features::{extract_features, extract_features_tta, flip_horizontal, Features, Tta};
 pub use knn::{knn, knn_predict, topk_accuracy, KnnConfig};
 pub use linear::{linear_probe, LinearProbeConfig, ProbeResult};
+pub use precise_bn::recalibrate_batch_norm;
 
 /// Errors from evaluation.
 #[derive(Debug, thiserror::Error)]

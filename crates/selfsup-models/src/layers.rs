@@ -7,7 +7,7 @@
 //! | [`Linear`] | `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` | same bound |
 //! | [`BatchNorm`] | weight 1, bias 0, running mean 0, running var 1 | |
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{Module, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
@@ -17,6 +17,19 @@ use crate::Result;
 
 thread_local! {
     static SYNC_BN: RefCell<Option<Comm>> = const { RefCell::new(None) };
+    static BN_MOMENTUM: Cell<Option<f64>> = const { Cell::new(None) };
+}
+
+/// Run `f` with every [`BatchNorm`] that updates its running statistics on this thread using
+/// momentum `m` instead of its own (`m = 1`: the statistics of the batch replace them; `1 / i`
+/// at the `i`-th batch: the running statistics become the mean over the batches, PyTorch's
+/// `momentum=None`): what precise BatchNorm (`selfsup_eval::recalibrate_batch_norm`) needs
+/// from an encoder whose layers it does not know.
+pub fn with_bn_momentum<T>(m: f64, f: impl FnOnce() -> T) -> T {
+    let prev = BN_MOMENTUM.with(|c| c.replace(Some(m)));
+    let out = f();
+    BN_MOMENTUM.with(|c| c.set(prev));
+    out
 }
 
 /// While the returned guard lives, every [`BatchNorm`] built on this thread synchronises its
@@ -569,7 +582,7 @@ impl BatchNorm {
     /// `n`: values per channel in this rank's batch (every rank's count when synchronised).
     fn update_running(&self, mean: &Tensor, var_biased: &Tensor, n: usize) -> Result<()> {
         let n = n * self.sync.as_ref().map_or(1, |c| c.world_size());
-        let m = self.momentum;
+        let m = BN_MOMENTUM.with(|c| c.get()).unwrap_or(self.momentum);
         let mean = mean.detach().to_dtype(self.running_mean.dtype())?;
         let var = var_biased.detach().to_dtype(self.running_var.dtype())?;
         let new_mean = ((self.running_mean.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?;

@@ -25,6 +25,7 @@ pub mod io;
 pub mod layers;
 mod resnet;
 mod small_cnn;
+pub mod whitening;
 
 pub use convnet_seed::ConvnetSeed;
 pub use encoder::{build_encoder, Encoder, EncoderKind};

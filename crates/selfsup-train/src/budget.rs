@@ -37,6 +37,9 @@ pub struct EpochCosts {
     pub epoch_s: f64,
     /// Seconds of one kNN evaluation (0 without a kNN monitor).
     pub knn_s: f64,
+    /// Seconds spent once after the last epoch besides its kNN evaluation: the BatchNorm
+    /// recalibration of `bn_recalibrate` (0 without).
+    pub final_s: f64,
 }
 
 /// The number of epochs (at least `done`, at most `max_epochs`) whose remaining epochs and kNN
@@ -97,7 +100,7 @@ fn fit_with_margin(
     let cost = |n: usize| -> f64 {
         // Epochs done+1 ..= n, each with its kNN evaluation where one is due.
         let knns = (done + 1..=n).filter(|&e| knn_due(e, n, knn_every)).count();
-        (n - done) as f64 * c.epoch_s + knns as f64 * c.knn_s
+        (n - done) as f64 * c.epoch_s + knns as f64 * c.knn_s + c.final_s
     };
     let mut n = done;
     while n < max_epochs && cost(n + 1) <= avail {
@@ -116,6 +119,7 @@ mod tests {
             elapsed_s: 110.0,
             epoch_s: 100.0,
             knn_s: 30.0,
+            final_s: 0.0,
         };
         // 1000 s less 5% = 950; 840 s left. kNN every 5: epochs 2-8 cost 700 s and two kNN
         // evaluations (after epoch 5 and the last) 60 s: 760 s; nine epochs would cost 860 s.
@@ -125,6 +129,11 @@ mod tests {
         // The configured epochs cap the fit; a budget already spent leaves the epoch done.
         assert_eq!(fit_epochs(1000.0, c, 1, 4, 5), 4);
         assert_eq!(fit_epochs(100.0, c, 1, 100, 5), 1);
+        // A recalibration after the last epoch: 8 epochs (760 s) and 70 s of it (830 s) fit
+        // in 840 s; with 81 s they do not, and the run trains 7.
+        let r = |final_s| EpochCosts { final_s, ..c };
+        assert_eq!(fit_epochs(1000.0, r(70.0), 1, 100, 5), 8);
+        assert_eq!(fit_epochs(1000.0, r(81.0), 1, 100, 5), 7);
     }
 
     #[test]
@@ -149,6 +158,7 @@ mod tests {
             elapsed_s: 1080.0,
             epoch_s: 100.0,
             knn_s: 40.0,
+            final_s: 0.0,
         };
         // Budget 3000 s: less 5%, 1770 s left: epochs 11-26 (1600 s) and kNN after 15, 20
         // and 26 (120 s; not after 25, half an interval before the last) = 1720 s; 27 epochs

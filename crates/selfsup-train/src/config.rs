@@ -108,6 +108,16 @@ pub struct TrainConfig {
     pub knn_temperature: f64,
     /// Test images for the kNN monitor (0: all).
     pub knn_test_subset: usize,
+    /// After the last epoch, before the final kNN evaluation and checkpoint: re-estimate the
+    /// encoder's BatchNorm running statistics on whole, unaugmented training images (precise
+    /// BatchNorm, [`selfsup_eval::recalibrate_batch_norm`]), so that eval mode normalises with
+    /// the statistics of the images it is given rather than of the last steps' crops. Only
+    /// the buffers change; a time budget counts its cost.
+    pub bn_recalibrate: bool,
+    /// Start the encoder's first convolution (`encoder.conv1.weight`) from patch-whitening
+    /// filters of the training images instead of random ones ([`crate::whiten`]); a fresh
+    /// run only, the filters then train like every weight.
+    pub patch_whitening: bool,
     /// Log a metrics line every N steps.
     pub log_every: usize,
     /// Wall-clock budget of a fresh run in seconds (0: off): after the first epoch the run
@@ -184,6 +194,8 @@ impl Default for TrainConfig {
             knn_k: 200,
             knn_temperature: 0.1,
             knn_test_subset: 0,
+            bn_recalibrate: false,
+            patch_whitening: false,
             log_every: 20,
             time_budget_s: 0.0,
             crop_min_scale: selfsup_data::DEFAULT_MIN_SCALE,

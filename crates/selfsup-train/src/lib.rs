@@ -19,6 +19,7 @@ pub mod optim;
 pub mod record;
 pub mod setup;
 mod trainer;
+pub mod whiten;
 
 pub use config::TrainConfig;
 pub use lock::RunLock;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use selfsup_data::{
-    preset_views_multicrop, Dataset, InMemory, Loader, LoaderConfig, Normalize, Preset,
+    preset_views, preset_views_multicrop, Dataset, InMemory, Loader, LoaderConfig, Normalize,
+    Preset,
 };
 use selfsup_dist::Comm;
 use selfsup_methods::{
@@ -66,6 +67,7 @@ pub fn check_method_name(name: &str) -> Result<()> {
 }
 
 /// The data of a run.
+#[derive(Clone)]
 pub struct RunData {
     /// Training images (labels, if any, are ignored by self-supervised methods).
     pub train: Arc<InMemory>,
@@ -345,6 +347,10 @@ pub fn build_trainer_dist(cfg: &TrainConfig, data: RunData, comm: Comm) -> Resul
         )));
     }
     let method = build_method(cfg, classes, &data.normalize, &at)?;
+    if cfg.patch_whitening {
+        // A fresh method's first layer; a resumed run loads its checkpoint over it.
+        crate::whiten::whiten_first_conv(method.as_ref(), &data.train, &data.normalize)?;
+    }
     build_trainer_with_dist(cfg, data, method, comm)
 }
 
@@ -395,7 +401,7 @@ pub fn build_trainer_with_dist(
             &cfg.local_crops_config(),
             data.normalize.clone(),
         )?,
-        lc,
+        lc.clone(),
     )?;
     let monitor = match (&data.test, train.labels.is_some(), cfg.knn_every > 0) {
         (Some(test), true, true) => {
@@ -433,7 +439,29 @@ pub fn build_trainer_with_dist(
         _ => None,
     };
     encoder_takes(method.as_ref(), cfg, &device)?;
-    Trainer::new_dist(cfg.clone(), method, loader, monitor, device, comm)
+    // Precise BatchNorm after the last epoch: whole training images, shuffled (a batch of one
+    // class would have other statistics), this rank's part of each global batch.
+    let bn_data = if cfg.bn_recalibrate {
+        if train.len() < cfg.batch_size {
+            return Err(Error::Config(format!(
+                "bn_recalibrate needs at least one batch of {} training images, the data has {}",
+                cfg.batch_size,
+                train.len()
+            )));
+        }
+        Some(Loader::new(
+            train.clone(),
+            preset_views(Preset::None, cfg.image_size, data.normalize.clone()),
+            LoaderConfig { prefetch: 2, ..lc },
+        )?)
+    } else {
+        None
+    };
+    let mut trainer = Trainer::new_dist(cfg.clone(), method, loader, monitor, device, comm)?;
+    if let Some(d) = bn_data {
+        trainer.set_bn_data(d);
+    }
+    Ok(trainer)
 }
 
 /// An image size the encoder cannot take (too small for its downsampling) is refused before the

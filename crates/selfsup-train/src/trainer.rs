@@ -70,6 +70,8 @@ pub struct Trainer {
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Where rank 0 reports progress (the CLI's progress bar); the library draws nothing.
     progress: Option<Box<dyn Progress>>,
+    /// Whole training images for `bn_recalibrate` (this rank's part of shuffled global batches).
+    bn_data: Option<Loader>,
 }
 
 /// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
@@ -180,7 +182,53 @@ impl Trainer {
             lock: None,
             stop: None,
             progress: None,
+            bn_data: None,
         })
+    }
+
+    /// The images `bn_recalibrate` re-estimates the encoder's BatchNorm statistics on after the
+    /// last epoch: training images as evaluation sees them (`selfsup_data::Preset::None`),
+    /// shuffled, full batches, this rank's shard of every global batch
+    /// ([`crate::setup`] builds it from the run's dataset).
+    pub fn set_bn_data(&mut self, loader: Loader) {
+        self.bn_data = Some(loader);
+    }
+
+    /// What the budget expects the run to spend after its last epoch besides the kNN
+    /// evaluation, from the cost `knn_s` of one: the BatchNorm recalibration, a training-mode
+    /// pass over the bank's images, about one evaluation of plain features (half of a
+    /// flip-averaged one).
+    fn final_cost(&self, knn_s: f64) -> f64 {
+        match (self.cfg.bn_recalibrate, self.cfg.knn_flip) {
+            (false, _) => 0.0,
+            (true, false) => knn_s,
+            (true, true) => knn_s / 2.0,
+        }
+    }
+
+    /// Precise BatchNorm on the encoder (every rank; rank 0's buffers on every rank after it):
+    /// see [`selfsup_eval::recalibrate_batch_norm`].
+    fn recalibrate_bn(&self) -> Result<()> {
+        let Some(data) = &self.bn_data else {
+            return Err(Error::Config(
+                "bn_recalibrate needs the images to recalibrate on (Trainer::set_bn_data)".into(),
+            ));
+        };
+        let t = Instant::now();
+        let images =
+            selfsup_eval::recalibrate_batch_norm(self.method.encoder(), data, &self.device, None)?;
+        if self.comm.world_size() > 1 && !self.cfg.sync_bn {
+            // Without synchronised BatchNorm each rank saw its own part of each batch.
+            self.broadcast_vars(&self.var_names(selfsup_models::layers::is_buffer))?;
+        }
+        if self.is_writer() {
+            tracing::info!(
+                "BatchNorm statistics recalibrated on {} whole training images ({:.0} s)",
+                images * self.comm.world_size(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
     }
 
     /// Stop between two steps once `flag` is set (a SIGINT / SIGTERM handler sets it): the step
@@ -707,6 +755,7 @@ impl Trainer {
                     elapsed_s,
                     epoch_s: (elapsed_s - knn_spent.0) / self.epoch as f64,
                     knn_s: knn_spent.0 / knn_spent.1.max(1) as f64,
+                    final_s: self.final_cost(knn_spent.0 / knn_spent.1.max(1) as f64),
                 };
                 let grow = self.cfg.knn_every == 0 || self.epoch % self.cfg.knn_every == 0;
                 let fitted = self.decide_length(costs, max_epochs, Some(grow), writer)?;
@@ -726,13 +775,20 @@ impl Trainer {
                     }
                 }
             }
+            let mut recal_s = if self.cfg.bn_recalibrate && self.epoch == self.cfg.epochs {
+                let t = Instant::now();
+                self.recalibrate_bn()?;
+                t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE)
+            } else {
+                0.0
+            };
             let calibrate = fitting && self.epoch == 1;
             // The budget's calibration epoch measures a kNN evaluation too.
             let knn_due = crate::budget::knn_due(self.epoch, self.cfg.epochs, self.cfg.knn_every)
                 || (calibrate && self.cfg.knn_every > 0);
             // Every rank extracts its share of the features; rank 0 votes.
             let t_knn = Instant::now();
-            let knn_res = if knn_due { self.knn_eval()? } else { None };
+            let mut knn_res = if knn_due { self.knn_eval()? } else { None };
             let knn_s = if knn_due {
                 t_knn.elapsed().as_secs_f64()
             } else {
@@ -746,6 +802,7 @@ impl Trainer {
                     elapsed_s: started.elapsed().as_secs_f64(),
                     epoch_s: wall,
                     knn_s,
+                    final_s: self.final_cost(knn_s),
                 };
                 let fitted = self.decide_length(costs, max_epochs, None, writer)?;
                 self.set_length(
@@ -761,6 +818,16 @@ impl Trainer {
                 if let Some(p) = progress.as_mut() {
                     p.start(total, self.step);
                 }
+                if self.cfg.bn_recalibrate && recal_s == 0.0 && fitted == self.epoch {
+                    // The budget ends the run at its calibration epoch: recalibrated now, and
+                    // the final evaluation is of the recalibrated encoder.
+                    let t = Instant::now();
+                    self.recalibrate_bn()?;
+                    recal_s = t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
+                    if knn_due {
+                        knn_res = self.knn_eval()?;
+                    }
+                }
             }
             if let Some((t1, _)) = knn_res {
                 self.last_knn = Some(t1);
@@ -770,6 +837,7 @@ impl Trainer {
                 "kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": mean_loss,
                 "knn_top1": knn_res.map(|r| r.0), "knn_top5": knn_res.map(|r| r.1),
                 "wall_s": wall, "images_per_s": ep_images as f64 / wall, "data_wait": ep_wait / wall,
+                "bn_recalibrate_s": (recal_s > 0.0).then_some(recal_s),
             });
             if let Some(metrics) = metrics.as_mut() {
                 writeln!(metrics, "{line}").map_err(|source| Error::Io {

@@ -195,3 +195,166 @@ fn smaller_global_views_train_and_the_monitor_sees_whole_images() {
     let e = build_trainer(&c, data()).err().unwrap().to_string();
     assert!(e.contains("crop_size 4 does not fit"), "{e}");
 }
+
+/// The encoder's tensors in a run folder's checkpoint/encoder.safetensors, as bit patterns.
+fn encoder_bits(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let w = selfsup_train::checkpoint::read_tensors(&dir.join("checkpoint/encoder.safetensors"))
+        .unwrap();
+    let mut v: Vec<_> = w
+        .iter()
+        .map(|(k, t)| {
+            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            (k.clone(), x.iter().map(|f| f.to_bits()).collect())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bn_recalibration_sets_the_encoders_statistics_from_whole_training_images() {
+    use candle_core::{DType, Device};
+    use selfsup_data::{preset_views, Loader, LoaderConfig, Preset};
+
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plain = cfg(a.path(), 2, 0.0);
+    build_trainer(&plain, data()).unwrap().fit(None).unwrap();
+    let recal = TrainConfig {
+        bn_recalibrate: true,
+        ..cfg(b.path(), 2, 0.0)
+    };
+    let s = build_trainer(&recal, data()).unwrap().fit(None).unwrap();
+    assert_eq!(s.knn.len(), 1);
+    // Only the encoder's BatchNorm buffers differ between the two checkpoints: every weight
+    // and the projector's statistics are the same to the bit.
+    let (wa, wb) = (weights(a.path()), weights(b.path()));
+    let differ: Vec<&String> = wa
+        .iter()
+        .zip(&wb)
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| &x.0)
+        .collect();
+    assert!(!differ.is_empty());
+    assert!(
+        differ
+            .iter()
+            .all(|n| n.contains("running") && !n.contains("proj")),
+        "{differ:?}"
+    );
+    // They are what recalibrating the plain run's encoder gives, on the loader the run uses
+    // (whole training images, shuffled with the run's seed, full batches of the run's size).
+    let vm = candle_nn::VarMap::new();
+    let enc = selfsup_models::build_encoder(
+        &plain.encoder.parse().unwrap(),
+        selfsup_models::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    selfsup_models::io::load_varmap(&vm, "", &a.path().join("checkpoint/encoder.safetensors"))
+        .unwrap();
+    let d = data();
+    let loader = Loader::new(
+        d.train.clone(),
+        preset_views(Preset::None, plain.image_size, d.normalize.clone()),
+        LoaderConfig {
+            batch_size: plain.batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed: plain.seed,
+            threads: 1,
+            prefetch: 1,
+            shard: (0, 1),
+        },
+    )
+    .unwrap();
+    let n =
+        selfsup_eval::recalibrate_batch_norm(enc.as_ref(), &loader, &Device::Cpu, None).unwrap();
+    assert_eq!(n, 64);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("checkpoint")).unwrap();
+    selfsup_models::io::save_varmap(&vm, "", &dir.path().join("checkpoint/encoder.safetensors"))
+        .unwrap();
+    assert_eq!(encoder_bits(dir.path()), encoder_bits(b.path()));
+    // The final epoch's metrics line says what it cost.
+    let m = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(
+        m.lines()
+            .rfind(|l| l.contains("\"kind\":\"epoch\""))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(last["bn_recalibrate_s"].as_f64().unwrap() > 0.0, "{last}");
+}
+
+#[test]
+fn a_budget_that_ends_the_run_at_its_first_epoch_still_recalibrates() {
+    let d = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        bn_recalibrate: true,
+        ..cfg(d.path(), 5, 1e-3)
+    };
+    let s = build_trainer(&c, data()).unwrap().fit(None).unwrap();
+    assert_eq!(s.epochs, 1);
+    let m = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+    let epoch: serde_json::Value = serde_json::from_str(
+        m.lines()
+            .find(|l| l.contains("\"kind\":\"epoch\""))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(epoch["bn_recalibrate_s"].as_f64().unwrap() > 0.0, "{epoch}");
+    // Too few images for one batch: refused before any work.
+    let mut tiny = data();
+    tiny.train = std::sync::Arc::new(tiny.train.subset(&(0..10).collect::<Vec<_>>()));
+    let c = TrainConfig {
+        bn_recalibrate: true,
+        knn_every: 0,
+        ..cfg(d.path(), 1, 0.0)
+    };
+    let e = build_trainer(&c, tiny).err().map(|e| e.to_string());
+    assert!(e.as_deref().is_some_and(|e| e.contains("batch")), "{e:?}");
+}
+
+#[test]
+fn patch_whitening_starts_the_first_convolution_from_the_datas_whitening_filters() {
+    use selfsup_models::whitening::{patch_second_moment, whitening_filters};
+    let d = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        patch_whitening: true,
+        ..cfg(d.path(), 1, 0.0)
+    };
+    let data = data();
+    let t = build_trainer(&c, data.clone()).unwrap();
+    let w: Vec<f32> = t.method().varmap().data().lock().unwrap()["encoder.conv1.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // The training images (fewer than WHITENING_IMAGES here), normalised, by hand.
+    let tr = &data.train;
+    let (ch, h, wd) = (tr.channels, tr.height, tr.width);
+    let px: Vec<f32> = tr
+        .pixels
+        .chunks_exact(h * wd)
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let c = i % ch;
+            let (m, s) = (data.normalize.mean[c], data.normalize.std[c]);
+            p.iter().map(move |&v| (v as f32 / 255.0 - m) / s)
+        })
+        .collect();
+    let n = px.len() / (ch * h * wd);
+    let moment = patch_second_moment(&px, (n, ch, h, wd), 3).unwrap();
+    // small-cnn's conv1: 32 filters = 16 whitening directions and their negatives.
+    let f = whitening_filters(&moment, 27, 16, selfsup_train::whiten::WHITENING_EPS).unwrap();
+    assert_eq!(w.len(), f.len());
+    assert_eq!(w, f);
+    drop(t);
+    // It trains, and learns otherwise than from random filters.
+    assert_learns_differently(
+        |c| c,
+        |c| TrainConfig {
+            patch_whitening: true,
+            ..c
+        },
+    );
+}
