@@ -11,19 +11,21 @@ mod common;
 
 use common::{assert_ok, assert_same_training, losses, model, setup, train_args, BIN};
 
-fn two_thread_ranks_equal_one(method: &str) {
+fn two_thread_ranks_equal_one(method: &str, extra: &[&str]) {
     let d = setup();
     let imgs = d.path().join("imgs");
     let (one, two) = (d.path().join("one"), d.path().join("two"));
     let out = Command::new(BIN)
         .args(train_args(&imgs, &one, method, 2))
         .args(["--sync-bn"])
+        .args(extra)
         .output()
         .unwrap();
     assert_ok(&out);
     let out = Command::new(BIN)
         .args(train_args(&imgs, &two, method, 2))
         .args(["--sync-bn", "--ranks", "2"])
+        .args(extra)
         .output()
         .unwrap();
     assert_ok(&out);
@@ -43,16 +45,32 @@ fn two_thread_ranks_equal_one(method: &str) {
     let record = std::fs::read_to_string(two.join("record.jsonl")).unwrap();
     assert!(record.contains("\"threads\":1,\"ranks\":2"), "{record}");
     assert_same_training(method, &one, &two, "2 thread ranks");
+    if extra.contains(&"--bn-recalibrate") {
+        for run in [&one, &two] {
+            let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+            let last = m
+                .lines()
+                .rfind(|l| l.contains("\"kind\":\"epoch\""))
+                .unwrap();
+            assert!(
+                last.contains("\"bn_recalibrate_s\":")
+                    && !last.contains("\"bn_recalibrate_s\":null"),
+                "{last}"
+            );
+        }
+    }
 }
 
 #[test]
 fn simclr_on_two_thread_ranks_equals_one_process() {
-    two_thread_ranks_equal_one("simclr");
+    two_thread_ranks_equal_one("simclr", &[]);
 }
 
 #[test]
 fn vicreg_on_two_thread_ranks_equals_one_process() {
-    two_thread_ranks_equal_one("vicreg");
+    // With the BatchNorm recalibration after the last epoch: each rank recalibrates on its
+    // part of the same global batches, the statistics synchronised as in training.
+    two_thread_ranks_equal_one("vicreg", &["--bn-recalibrate", "true"]);
 }
 
 #[test]
