@@ -153,7 +153,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
     for want in [
         "method = \"vicreg\"",
         "optimizer = \"lars\"",
-        "lr = 0.3",
+        "lr = 0.25",
         "proj_hidden = 1024",
         "proj_out = 1024",
         "epochs = 60",
@@ -174,7 +174,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
     assert_eq!(again, c);
     // Its learning rate scales with a batch size given on top, unless one is given too.
     let b512 = String::from_utf8(cfg(&["--batch-size", "512"]).stdout).unwrap();
-    assert!(b512.contains("\nlr = 0.6\n"), "{b512}");
+    assert!(b512.contains("\nlr = 0.5\n"), "{b512}");
     let given = String::from_utf8(cfg(&["--batch-size", "512", "--lr", "0.4"]).stdout).unwrap();
     assert!(given.contains("\nlr = 0.4\n"), "{given}");
     // Multi-crop on top; a method without multi-crop is refused with what to change, before
