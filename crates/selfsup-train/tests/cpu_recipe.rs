@@ -198,17 +198,7 @@ fn smaller_global_views_train_and_the_monitor_sees_whole_images() {
 
 /// The encoder's tensors in a run folder's checkpoint/encoder.safetensors, as bit patterns.
 fn encoder_bits(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
-    let w = selfsup_train::checkpoint::read_tensors(&dir.join("checkpoint/encoder.safetensors"))
-        .unwrap();
-    let mut v: Vec<_> = w
-        .iter()
-        .map(|(k, t)| {
-            let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            (k.clone(), x.iter().map(|f| f.to_bits()).collect())
-        })
-        .collect();
-    v.sort();
-    v
+    common::file_bits(dir, "encoder.safetensors")
 }
 
 #[test]

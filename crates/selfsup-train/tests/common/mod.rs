@@ -22,7 +22,13 @@ pub fn stripes_data() -> RunData {
 /// A run folder's checkpointed weights as bit patterns, sorted by name: equal means equal to
 /// the bit.
 pub fn checkpoint_bits(dir: &std::path::Path) -> Vec<(String, Vec<u32>)> {
-    let w = checkpoint::read_tensors(&dir.join("checkpoint/model.safetensors")).unwrap();
+    file_bits(dir, "model.safetensors")
+}
+
+/// The tensors of `dir/checkpoint/file` as bit patterns, sorted by name.
+#[allow(dead_code)]
+pub fn file_bits(dir: &std::path::Path, file: &str) -> Vec<(String, Vec<u32>)> {
+    let w = checkpoint::read_tensors(&dir.join("checkpoint").join(file)).unwrap();
     let mut v: Vec<_> = w
         .iter()
         .map(|(k, t)| {
