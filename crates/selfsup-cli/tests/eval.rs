@@ -87,13 +87,17 @@ fn eval_prints_what_the_library_computes_and_records_it() {
     };
 
     // The library on the same weights.
-    let vm = candle_nn::VarMap::new();
-    let enc = build_encoder(
-        &EncoderKind::SmallCnn,
-        seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
-    io::load_varmap(&vm, "", &run.join("checkpoint/encoder.safetensors")).unwrap();
+    let checkpoint_encoder = || {
+        let vm = candle_nn::VarMap::new();
+        let enc = build_encoder(
+            &EncoderKind::SmallCnn,
+            seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        io::load_varmap(&vm, "", &run.join("checkpoint/encoder.safetensors")).unwrap();
+        enc
+    };
+    let enc = checkpoint_encoder();
     let (tr, te) = features(enc.as_ref(), d.path());
     let (trl, tel) = (tr.labels.clone().unwrap(), te.labels.clone().unwrap());
 
@@ -113,13 +117,7 @@ fn eval_prints_what_the_library_computes_and_records_it() {
     // training images, shuffled with seed 0, one batch of at most 512) on the same weights.
     let stdout = eval(&["knn", "--recalibrate-bn"]);
     {
-        let vm = candle_nn::VarMap::new();
-        let enc = build_encoder(
-            &EncoderKind::SmallCnn,
-            seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-        io::load_varmap(&vm, "", &run.join("checkpoint/encoder.safetensors")).unwrap();
+        let enc = checkpoint_encoder();
         let train = std::sync::Arc::new(cifar::load(d.path(), cifar::Split::Train).unwrap());
         let n = selfsup_data::Dataset::len(train.as_ref());
         let loader = Loader::new(
