@@ -22,6 +22,7 @@
 //! loss on the global batch; no gradient is ever scaled by `1/world` outside autograd.
 #![warn(missing_docs)]
 
+mod barrier;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_comm;

@@ -1,13 +1,19 @@
 //! Ranks as threads of one process: `selfsup train --ranks N`, and the tests of the collectives'
 //! maths.
 
-use std::sync::{Arc, Barrier, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::barrier::SpinBarrier;
 
 use crate::{check_gather, check_root, Communicator, Error, Result};
 
 struct Shared {
-    barrier: Barrier,
+    barrier: SpinBarrier,
     slots: Vec<RwLock<Vec<u8>>>,
+    /// Where each rank's buffer of the current reduction is, and its length.
+    addrs: Vec<AtomicUsize>,
+    lens: Vec<AtomicUsize>,
 }
 
 /// One rank of a group of threads that share memory. Build the group with
@@ -38,8 +44,10 @@ impl LocalGroup {
             return Err(Error::Config("a group needs at least one rank".into()));
         }
         let shared = Arc::new(Shared {
-            barrier: Barrier::new(world),
+            barrier: SpinBarrier::new(world),
             slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
+            addrs: (0..world).map(|_| AtomicUsize::new(0)).collect(),
+            lens: (0..world).map(|_| AtomicUsize::new(0)).collect(),
         });
         Ok((0..world)
             .map(|rank| LocalGroup {
@@ -69,40 +77,83 @@ impl LocalGroup {
         out
     }
 
-    /// Every rank publishes its buffer once and sums all of them in rank order, reading the
-    /// others' slots in place (all ranks read at once): one copy per rank, whatever the world.
+    /// Sum over the ranks in place, reading each other's buffers where they are (no copy to a
+    /// shared slot): every rank publishes the address of its buffer; rank `r` then adds up
+    /// chunk `r` of all buffers in rank order and writes it into its own buffer
+    /// (reduce-scatter), and after a barrier copies every other chunk from the rank that
+    /// summed it (all-gather); a last barrier keeps each buffer alive until nobody reads it.
+    /// The ranks read and write disjoint ranges in each phase. Every element is summed once,
+    /// in rank order, so every rank gets the same bits, and a rank moves `(2 - 1/world)` buffer
+    /// lengths instead of the `world + 2` of summing everything everywhere.
     fn reduce<T: bytemuck::Pod + std::ops::Add<Output = T>>(
         &self,
         op: &'static str,
         buf: &mut [T],
     ) -> Result<()> {
+        let world = self.shared.slots.len();
+        if world == 1 {
+            return Ok(());
+        }
         let n = buf.len();
-        self.publish(bytemuck::cast_slice(buf));
-        self.read_all(|slots| {
-            let guards: Vec<_> = slots.iter().map(|s| s.read().unwrap()).collect();
-            // A slot's bytes are aligned for T unless the allocator says otherwise; then a copy.
-            let parts: Vec<std::borrow::Cow<[T]>> = guards
-                .iter()
-                .map(|g| match bytemuck::try_cast_slice::<u8, T>(g) {
-                    Ok(v) => std::borrow::Cow::Borrowed(v),
-                    Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(g)),
-                })
-                .collect();
-            if parts.iter().any(|p| p.len() != n) {
-                return Err(Error::Comm {
-                    op,
-                    msg: "ranks passed buffers of different lengths".into(),
-                });
-            }
-            for (i, x) in buf.iter_mut().enumerate() {
-                let mut acc = parts[0][i];
-                for p in &parts[1..] {
-                    acc = acc + p[i];
+        // From here on this rank's buffer is only touched through `base`, as the others do.
+        let base = buf.as_mut_ptr();
+        self.shared.addrs[self.rank].store(base as usize, Ordering::Relaxed);
+        self.shared.lens[self.rank].store(n, Ordering::Relaxed);
+        // The barrier orders the stores above before every rank's loads below.
+        self.shared.barrier.wait();
+        let addrs: Vec<*mut T> = (0..world)
+            .map(|r| self.shared.addrs[r].load(Ordering::Relaxed) as *mut T)
+            .collect();
+        if (0..world).any(|r| self.shared.lens[r].load(Ordering::Relaxed) != n) {
+            // Every rank sees the mismatch; none may publish again before all have looked.
+            self.shared.barrier.wait();
+            return Err(Error::Comm {
+                op,
+                msg: "ranks passed buffers of different lengths".into(),
+            });
+        }
+        let chunk = |r: usize| (n * r / world, n * (r + 1) / world);
+        // Reduce-scatter: chunk `rank` of every buffer, which no other rank reads or writes
+        // in this phase, summed block by block.
+        const BLOCK: usize = 1024;
+        let mut acc = [T::zeroed(); BLOCK];
+        let (lo, hi) = chunk(self.rank);
+        let mut at = lo;
+        while at < hi {
+            let len = (hi - at).min(BLOCK);
+            let acc = &mut acc[..len];
+            // SAFETY: every address is a live buffer of `n` elements (its rank waits in this
+            // collective until the last barrier); `at..at + len` lies in chunk `rank`, which
+            // only this rank accesses before the next barrier.
+            unsafe {
+                acc.copy_from_slice(std::slice::from_raw_parts(addrs[0].add(at), len));
+                for &p in &addrs[1..] {
+                    let part = std::slice::from_raw_parts(p.add(at), len);
+                    for (a, &x) in acc.iter_mut().zip(part) {
+                        *a = *a + x;
+                    }
                 }
-                *x = acc;
+                std::slice::from_raw_parts_mut(base.add(at), len).copy_from_slice(acc);
             }
-            Ok(())
-        })
+            at += len;
+        }
+        self.shared.barrier.wait();
+        // All-gather: chunk `r` from rank `r`, which no longer writes it; this rank writes
+        // only the other chunks of its own buffer, which nobody reads in this phase.
+        for (r, &p) in addrs.iter().enumerate() {
+            if r == self.rank {
+                continue;
+            }
+            let (lo, hi) = chunk(r);
+            // SAFETY: as above; chunk `r` of buffer `r` is final and only read now, chunk `r`
+            // of this rank's buffer is written by this rank only.
+            unsafe {
+                std::slice::from_raw_parts_mut(base.add(lo), hi - lo)
+                    .copy_from_slice(std::slice::from_raw_parts(p.add(lo), hi - lo));
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
     }
 }
 

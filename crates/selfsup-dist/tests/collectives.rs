@@ -75,6 +75,19 @@ fn a_bad_root_or_buffer_is_an_error_not_a_hang() {
     assert!(s.all_gather_bytes(&[1, 2], &mut out).is_err());
     assert!(LocalGroup::new(0).is_err());
     assert!("nccl".parse::<selfsup_dist::Mode>().is_err());
+    // Thread ranks whose all-reduce buffers differ in length: an error on every rank, and the
+    // group still works afterwards (no rank left behind in a barrier).
+    let out = on_ranks(3, |c| {
+        let mut b = vec![1f32; 4 + c.rank()];
+        let bad = c.all_reduce_sum_f32(&mut b).is_err();
+        let mut ok = vec![c.rank() as f32; 5];
+        c.all_reduce_sum_f32(&mut ok).unwrap();
+        (bad, ok)
+    });
+    for (bad, ok) in out {
+        assert!(bad);
+        assert_eq!(ok, vec![3.0; 5]);
+    }
 }
 
 /// Rank `r` computes `L_r = (r + 1) * sum(w * gather(x_r))`. The backward of the gather sums
