@@ -540,6 +540,7 @@ impl BatchNorm {
         let comm = self.sync.clone()?;
         let world = comm.world_size();
         Some(selfsup_ops::BnSync::new(
+            comm.rank(),
             world,
             std::sync::Arc::new(move |b: &mut [f64]| {
                 comm.all_reduce_sum_f64(b)

@@ -83,7 +83,7 @@ fn bn_relu_max_pool_rejects_bad_input() {
 #[test]
 fn bn_relu_max_pool_equals_our_separate_ops_exactly() {
     let dev = Device::Cpu;
-    let one_rank = selfsup_ops::BnSync::new(1, std::sync::Arc::new(|_: &mut [f64]| Ok(())));
+    let one_rank = selfsup_ops::BnSync::new(0, 1, std::sync::Arc::new(|_: &mut [f64]| Ok(())));
     for sync in [None, Some(&one_rank)] {
         for &(n, c, h, wd, k, stride, pad) in &[
             (4, 8, 24, 24, 2, 2, 0),

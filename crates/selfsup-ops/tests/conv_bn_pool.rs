@@ -16,7 +16,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 #[test]
 fn conv_bn_relu_max_pool_equals_the_two_ops_exactly() {
     let dev = Device::Cpu;
-    let one_rank = selfsup_ops::BnSync::new(1, std::sync::Arc::new(|_: &mut [f64]| Ok(())));
+    let one_rank = selfsup_ops::BnSync::new(0, 1, std::sync::Arc::new(|_: &mut [f64]| Ok(())));
     let mut cases = 0;
     for sync in [None, Some(&one_rank)] {
         // (n, c, h, w, o, conv k / stride / pad, pool k / stride / pad): small-cnn's first and a

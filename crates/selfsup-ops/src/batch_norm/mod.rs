@@ -132,23 +132,34 @@ pub(crate) fn fold_packed(st: &[(f64, f64)], wb: &[f32], eps: f64) -> Result<(Ve
 /// sums over the ranks. `reduce` adds a buffer element-wise over every rank, in place (an MPI
 /// all-reduce); every rank has `world` ranks of the same batch shape. The forward's statistics
 /// and the input gradient's two sums cover every rank's samples; the weight and bias gradients
-/// stay this rank's share (the trainer averages gradients over the ranks).
+/// stay this rank's share (the trainer averages gradients over the ranks). One all-reduce per
+/// op forward (the ranks' per-channel statistics) and one per op backward (two sums).
 #[derive(Clone)]
 pub struct BnSync {
     reduce: SumAcrossRanks,
+    rank: usize,
     world: usize,
 }
 
 impl BnSync {
-    /// `world` ranks whose sums `reduce` adds up in place.
-    pub fn new(world: usize, reduce: SumAcrossRanks) -> Self {
-        Self { reduce, world }
+    /// Rank `rank` of `world` ranks whose buffers `reduce` adds up in place.
+    ///
+    /// # Panics
+    /// If `rank >= world`.
+    pub fn new(rank: usize, world: usize, reduce: SumAcrossRanks) -> Self {
+        assert!(rank < world, "rank {rank} of {world} ranks");
+        Self {
+            reduce,
+            rank,
+            world,
+        }
     }
 }
 
 impl std::fmt::Debug for BnSync {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BnSync")
+            .field("rank", &self.rank)
             .field("world", &self.world)
             .finish()
     }
@@ -172,8 +183,8 @@ impl std::ops::Deref for BatchStats {
 pub(crate) type Stats64 = Arc<BatchStats>;
 
 /// The batch statistics of `x` as a `(2, C)` f32 tensor (mean, biased variance) and for the
-/// ops; with `sync`, over every rank's batch (two all-reduces of `C` sums: the values, then the
-/// squared deviations from the global mean).
+/// ops; with `sync`, over every rank's batch (one all-reduce that gathers every rank's own
+/// statistics).
 pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Stats64)> {
     let Some(sync) = sync else {
         let st = channel_stats(x)?;
@@ -196,23 +207,36 @@ pub(crate) fn stats_of(x: &Tensor, sync: Option<&BnSync>) -> Result<(Tensor, Sta
         candle_core::Storage::Cpu(s) => f32s(s, l)?,
         _ => candle_core::bail!("synchronised batch norm: the fused op runs on the CPU"),
     };
-    // Read in place: the storage's read lock is held over the all-reduces, which only wait
-    // for the other ranks' own tensors.
-    let seg = |i: usize, ch: usize| &data[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-    let m = (n * hw * sync.world) as f64;
-    let mut sums: Vec<f64> = (0..c)
-        .into_par_iter()
-        .map(|ch| (0..n).map(|i| sum_f64(seg(i, ch))).sum())
-        .collect();
-    (sync.reduce)(&mut sums)?;
-    let mean: Vec<f64> = sums.iter().map(|s| s / m).collect();
-    let mut q: Vec<f64> = (0..c)
-        .into_par_iter()
-        .map(|ch| (0..n).map(|i| sq_dev_f64(seg(i, ch), mean[ch])).sum())
-        .collect();
+    // Each rank's own (mean, biased variance) per channel, both passes over a channel while
+    // it is in cache; then one all-reduce that gathers them (each rank fills its own slot of
+    // a zeroed buffer) and every rank combines them the same way, in rank order (Chan et
+    // al.'s pairwise update for equal counts): mean = the ranks' mean of means,
+    // M2 = sum of the ranks' M2 + n sum of (mean_r - mean)^2.
+    let own = stats(data, n, c, hw);
     drop(s);
-    (sync.reduce)(&mut q)?;
-    let ch: Vec<(f64, f64)> = mean.iter().zip(&q).map(|(&mu, &q)| (mu, q / m)).collect();
+    let world = sync.world;
+    let rank_slot = |r: usize| r * 2 * c;
+    let mut all = vec![0f64; world * 2 * c];
+    let at = rank_slot(sync.rank);
+    for (ch, &(mu, var)) in own.iter().enumerate() {
+        all[at + ch] = mu;
+        all[at + c + ch] = var;
+    }
+    (sync.reduce)(&mut all)?;
+    let n_local = (n * hw) as f64;
+    let m = n_local * world as f64;
+    let ch: Vec<(f64, f64)> = (0..c)
+        .map(|ch| {
+            let mean = (0..world).map(|r| all[rank_slot(r) + ch]).sum::<f64>() / world as f64;
+            let m2: f64 = (0..world)
+                .map(|r| {
+                    let (mu, var) = (all[rank_slot(r) + ch], all[rank_slot(r) + c + ch]);
+                    var * n_local + n_local * (mu - mean) * (mu - mean)
+                })
+                .sum();
+            (mean, m2 / m)
+        })
+        .collect();
     let mut rows: Vec<f32> = ch.iter().map(|p| p.0 as f32).collect();
     rows.extend(ch.iter().map(|p| p.1 as f32));
     let st = Tensor::from_vec(rows, (2, c), x.device())?;
