@@ -12,7 +12,9 @@
 //!
 //! Design choice: the engine is always an existing one (MPI for CPUs; NCCL is the seam for
 //! GPUs: a `Communicator` over NCCL's all-reduce / all-gather / broadcast would plug in here
-//! with no change above it). Nothing here implements a reduction algorithm.
+//! with no change above it). Across processes nothing here implements a reduction algorithm;
+//! [`LocalGroup`], whose ranks are threads and cannot use MPI, sums through shared memory
+//! (docs/ARCHITECTURE.md, "Hand-written where a crate exists, and why").
 //!
 //! On top of the trait, [`ops`] gives candle tensors two differentiable collectives:
 //! [`all_gather`] (backward: the gathered gradient summed over ranks, this rank's slice kept)
