@@ -12,8 +12,8 @@ use selfsup_train::TrainConfig;
 /// as much), one data-parallel rank per core as threads of this process with synchronised
 /// BatchNorm (the one-process run, faster), and a time budget of the hour itself: after the
 /// first epoch the run fits its length (at most 60 epochs) so that training, the kNN
-/// evaluations and the final one end inside the budget less its 5% margin, and refits it
-/// after every epoch from the mean costs so far (shorter as soon as the machine slows down,
+/// evaluations and the final one end inside the budget less its 2% margin, and refits it
+/// after every epoch from the costs so far (shorter as soon as the machine slows down,
 /// longer at kNN epochs when it speeds up). `cifar10-gpu`: ResNet-18 (CIFAR stem), batch 512,
 /// SGD lr 6e-2 x 512/128, weight decay 5e-4, 200 epochs, cosine schedule: lightly's CIFAR-10
 /// benchmark recipe for SimCLR.
@@ -50,7 +50,7 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
                 // at 0.25 the same schedule keeps learning (docs/results.md).
                 lr: 0.25,
                 epochs: 60,
-                // The hour; the budget's margin (5%) keeps the run about 3 minutes
+                // The hour; the budget's margin (2%) keeps the run at least a minute
                 // inside it.
                 time_budget_s: 60.0 * 60.0,
                 // The warmup covers the first epoch, so the fitted run equals `--epochs N`.

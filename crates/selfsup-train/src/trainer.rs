@@ -615,6 +615,9 @@ impl Trainer {
         // The configured epochs cap every fit; kNN seconds spent and evaluations so far.
         let max_epochs = self.cfg.epochs;
         let mut knn_spent = (0f64, 0usize);
+        // Training seconds (kNN evaluations excluded) by the end of each epoch: the refits'
+        // epoch cost, `budget::epoch_cost`.
+        let mut epoch_ends: Vec<f64> = Vec::new();
         let mut summary = Summary::default();
         let started = Instant::now();
         let (mut images, mut waited) = (0usize, 0f64);
@@ -746,14 +749,18 @@ impl Trainer {
             let mean_loss = loss_sum / n_batches.max(1) as f64;
             self.epoch += 1;
             // A budgeted run refits its length at every later epoch end, before deciding on
-            // this epoch's kNN evaluation, from the mean costs so far: it shortens the run
-            // whenever the machine turned slower, and lengthens it (up to the configured
-            // epochs) only at kNN epochs, so that the schedule moves rarely.
+            // this epoch's kNN evaluation, from the costs so far (an epoch: the mean, or the
+            // last few epochs' mean when larger): it shortens the run whenever the machine
+            // turned slower, and lengthens it (up to the configured epochs) only at kNN
+            // epochs, so that the schedule moves rarely.
+            if fitting {
+                epoch_ends.push(started.elapsed().as_secs_f64() - knn_spent.0);
+            }
             if fitting && self.epoch > 1 && self.epoch < self.cfg.epochs {
                 let elapsed_s = started.elapsed().as_secs_f64();
                 let costs = EpochCosts {
                     elapsed_s,
-                    epoch_s: (elapsed_s - knn_spent.0) / self.epoch as f64,
+                    epoch_s: crate::budget::epoch_cost(&epoch_ends),
                     knn_s: knn_spent.0 / knn_spent.1.max(1) as f64,
                     final_s: self.final_cost(knn_spent.0 / knn_spent.1.max(1) as f64),
                 };
