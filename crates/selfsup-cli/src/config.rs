@@ -120,6 +120,10 @@ pub(crate) struct TrainArgs {
     /// kNN monitor on flip-averaged features (each image and its mirror image).
     #[arg(long)]
     pub(crate) knn_flip: Option<bool>,
+    /// The final kNN evaluation (after the last epoch) on flip-averaged features, the
+    /// periodic ones as `--knn-flip` says.
+    #[arg(long)]
+    pub(crate) knn_final_flip: Option<bool>,
     /// After the last epoch, re-estimate the encoder's BatchNorm statistics on whole training
     /// images before the final kNN evaluation and checkpoint (precise BatchNorm).
     #[arg(long)]
@@ -279,6 +283,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         train_subset,
         knn_every,
         knn_flip,
+        knn_final_flip,
         bn_recalibrate,
         patch_whitening,
         crop_size,

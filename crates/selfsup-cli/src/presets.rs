@@ -63,6 +63,9 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
                 // flip-averaged features, which `selfsup eval knn --tta flip` measures after).
                 knn_every: 10,
                 knn_flip: false,
+                // The final evaluation (the run's result) on flip-averaged features: about one
+                // more evaluation's time, budgeted (the test-time feature averaging).
+                knn_final_flip: true,
                 // The BatchNorm statistics of whole 32 px images instead of the last steps'
                 // 24 px crops for the final evaluation and checkpoint (docs/results.md).
                 bn_recalibrate: true,

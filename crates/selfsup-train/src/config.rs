@@ -102,6 +102,11 @@ pub struct TrainConfig {
     pub knn_every: usize,
     /// kNN monitor: features averaged over each image and its mirror image (test-time flip).
     pub knn_flip: bool,
+    /// The final kNN evaluation (after the last epoch, the one of the run's record) on
+    /// flip-averaged features even when the monitor's periodic evaluations are plain
+    /// (`knn_flip` false): the monitor stays cheap, the result is that of
+    /// `selfsup eval knn --tta flip`.
+    pub knn_final_flip: bool,
     /// kNN neighbours.
     pub knn_k: usize,
     /// kNN vote temperature.
@@ -191,6 +196,7 @@ impl Default for TrainConfig {
             out: "runs/simclr".into(),
             knn_every: 1,
             knn_flip: false,
+            knn_final_flip: false,
             knn_k: 200,
             knn_temperature: 0.1,
             knn_test_subset: 0,

@@ -199,11 +199,20 @@ impl Trainer {
     /// pass over the bank's images, about one evaluation of plain features (half of a
     /// flip-averaged one).
     fn final_cost(&self, knn_s: f64) -> f64 {
-        match (self.cfg.bn_recalibrate, self.cfg.knn_flip) {
+        let recalibrate = match (self.cfg.bn_recalibrate, self.cfg.knn_flip) {
             (false, _) => 0.0,
             (true, false) => knn_s,
             (true, true) => knn_s / 2.0,
-        }
+        };
+        // A flip-averaged final evaluation after plain periodic ones: a second pass over both
+        // image sets, about one more evaluation.
+        let flip = if self.final_flip_only() { knn_s } else { 0.0 };
+        recalibrate + flip
+    }
+
+    /// Whether the final kNN evaluation averages over flips while the periodic ones do not.
+    fn final_flip_only(&self) -> bool {
+        self.cfg.knn_final_flip && !self.cfg.knn_flip
     }
 
     /// Precise BatchNorm on the encoder (every rank; rank 0's buffers on every rank after it):
@@ -462,14 +471,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// kNN top-1 / top-5 of the current encoder with the monitor's data. Data-parallel: every
-    /// rank extracts the features of its share, they are gathered, and only rank 0 gets a
-    /// result (the others `None`); every rank must call it.
+    /// kNN top-1 / top-5 of the current encoder with the monitor's data, on flip-averaged
+    /// features with `knn_flip`, or with `knn_final_flip` once the last epoch is done.
+    /// Data-parallel: every rank extracts the features of its share, they are gathered, and
+    /// only rank 0 gets a result (the others `None`); every rank must call it.
     pub fn knn_eval(&self) -> Result<Option<(f64, f64)>> {
         let Some(m) = &self.monitor else {
             return Ok(None);
         };
-        let tta = if self.cfg.knn_flip {
+        let last = self.epoch >= self.cfg.epochs;
+        let tta = if self.cfg.knn_flip || (self.cfg.knn_final_flip && last) {
             Tta::Flip
         } else {
             Tta::None
@@ -843,6 +854,8 @@ impl Trainer {
             let line = serde_json::json!({
                 "kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": mean_loss,
                 "knn_top1": knn_res.map(|r| r.0), "knn_top5": knn_res.map(|r| r.1),
+                "knn_flip": knn_res.map(|_| self.cfg.knn_flip
+                    || (self.cfg.knn_final_flip && self.epoch >= self.cfg.epochs)),
                 "wall_s": wall, "images_per_s": ep_images as f64 / wall, "data_wait": ep_wait / wall,
                 "bn_recalibrate_s": (recal_s > 0.0).then_some(recal_s),
             });

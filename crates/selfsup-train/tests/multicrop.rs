@@ -87,3 +87,66 @@ fn local_views_are_refused_where_they_cannot_work() {
     let e = build_trainer(&bad, data()).err().unwrap().to_string();
     assert!(e.contains("local crop scale"), "{e}");
 }
+
+/// The kNN results of a run's epoch lines: (epoch, top-1, top-5, flip-averaged).
+fn knn_lines(dir: &std::path::Path) -> Vec<(u64, f64, f64, bool)> {
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "epoch" && !v["knn_top1"].is_null())
+        .map(|v| {
+            (
+                v["epoch"].as_u64().unwrap(),
+                v["knn_top1"].as_f64().unwrap(),
+                v["knn_top5"].as_f64().unwrap(),
+                v["knn_flip"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn final_flip_averages_only_the_last_evaluation() {
+    // Eight stripe orientations: a mirror image turns class c into class 8 - c, so
+    // flip-averaged features vote differently from plain ones.
+    let eight = || selfsup_train::setup::RunData {
+        train: std::sync::Arc::new(selfsup_data::synthetic::stripes(64, 32, 8, 1)),
+        test: Some(std::sync::Arc::new(selfsup_data::synthetic::stripes(
+            64, 32, 8, 2,
+        ))),
+        ..data()
+    };
+    let run = |flip: bool, final_flip: bool| {
+        let d = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            knn_every: 1,
+            knn_flip: flip,
+            knn_final_flip: final_flip,
+            threads: 1,
+            ..cfg(d.path(), 0)
+        };
+        let mut t = build_trainer(&c, eight()).unwrap();
+        t.fit(None).unwrap();
+        drop(t);
+        (knn_lines(d.path()), weights(d.path()))
+    };
+    let (final_only, wa) = run(false, true);
+    let (always, wb) = run(true, false);
+    let (never, wc) = run(false, false);
+    // The evaluations do not touch training.
+    assert_eq!(wa, wb);
+    assert_eq!(wa, wc);
+    assert_eq!(final_only.len(), 2, "{final_only:?}");
+    // Epoch 1 is a periodic evaluation: plain features, as without final_flip.
+    assert_eq!(final_only[0], never[0]);
+    assert!(!final_only[0].3);
+    // Epoch 2 is the last: flip-averaged, as with knn_flip, and not what plain features give.
+    assert_eq!(final_only[1], always[1]);
+    assert!(final_only[1].3 && !never[1].3);
+    assert_ne!(
+        (final_only[1].1, final_only[1].2),
+        (never[1].1, never[1].2),
+        "flip averaging changed nothing here, so this test cannot tell"
+    );
+}
