@@ -60,6 +60,9 @@ impl Float for f64 {
 /// One sample's part of one row `(c, ky, kx)` of the column matrix: `d[oy OW + ox] =
 /// plane[oy s + ky - p, ox s + kx - p]`, 0 outside; every entry of `d` is written.
 fn im2col_row<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut [T]) {
+    if g.stride == 1 && g.oh() == g.h && g.ow() == g.w && g.w > g.pad {
+        return im2col_row_same(plane, g, ky, kx, d);
+    }
     let (oh, ow) = (g.oh(), g.ow());
     for oy in 0..oh {
         let iy = (oy * g.stride + ky) as isize - g.pad as isize;
@@ -92,9 +95,46 @@ fn im2col_row<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut 
     }
 }
 
+/// [`im2col_row`] for a "same" convolution (stride 1, output the input's size): the output
+/// rows of one `(ky, kx)` read consecutive input rows at one shift, so one copy moves them all
+/// (instead of one short copy per row: a 3x3 map's rows are 3 values), and the columns the
+/// shift moved past the image's edge (the padding, `|kx - p|` per row) are zeroed after.
+fn im2col_row_same<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut [T]) {
+    let (h, w) = (g.h, g.w);
+    let dy = ky as isize - g.pad as isize;
+    let dx = kx as isize - g.pad as isize;
+    // Output rows whose input row oy + dy lies inside the image.
+    let oy0 = (-dy).clamp(0, h as isize) as usize;
+    let oy1 = (h as isize - dy).clamp(oy0 as isize, h as isize) as usize;
+    d[..oy0 * w].fill(T::default());
+    d[oy1 * w..h * w].fill(T::default());
+    if oy0 == oy1 {
+        return;
+    }
+    // d[i] = plane[i + off] over those rows, clipped to the plane: what the clipping leaves
+    // out lies in the padding columns of the first or the last row.
+    let off = dy * w as isize + dx;
+    let lo = (oy0 * w).max((-off).max(0) as usize);
+    let hi = (oy1 * w).min(((h * w) as isize - off) as usize);
+    d[lo..hi].copy_from_slice(&plane[(lo as isize + off) as usize..(hi as isize + off) as usize]);
+    let edge = dx.unsigned_abs();
+    if edge > 0 {
+        // The padding columns: ox < -dx on the left, ox >= w - dx on the right.
+        let first = if dx < 0 { 0 } else { w - edge };
+        for oy in oy0..oy1 {
+            for v in &mut d[oy * w + first..oy * w + first + edge] {
+                *v = T::default();
+            }
+        }
+    }
+}
+
 /// The adjoint of [`im2col_row`]: add `src` (one sample's part of row `(c, ky, kx)`) into
 /// `plane`.
 fn col2im_row<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mut [T]) {
+    if g.stride == 1 && g.oh() == g.h && g.ow() == g.w && g.w > g.pad && g.pad <= KEEP / 8 {
+        return col2im_row_same(src, g, ky, kx, plane);
+    }
     let ow = g.ow();
     for oy in 0..g.oh() {
         let iy = (oy * g.stride + ky) as isize - g.pad as isize;
@@ -120,6 +160,49 @@ fn col2im_row<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mu
                 }
             }
         }
+    }
+}
+
+/// Plane values [`col2im_row_same`] keeps aside per block of rows.
+const KEEP: usize = 64;
+
+/// [`col2im_row`] for a "same" convolution, the adjoint of [`im2col_row_same`]: one add over
+/// the rows' consecutive values instead of one short add per row. The padding columns' values
+/// land, in that one add, on plane values that get no other addend from this `(ky, kx)` (the
+/// shift is one-to-one), so those are put back as they were: the result is that of the row by
+/// row add, bit for bit.
+fn col2im_row_same<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mut [T]) {
+    let (h, w) = (g.h, g.w);
+    let dy = ky as isize - g.pad as isize;
+    let dx = kx as isize - g.pad as isize;
+    let oy0 = (-dy).clamp(0, h as isize) as usize;
+    let oy1 = (h as isize - dy).clamp(oy0 as isize, h as isize) as usize;
+    if oy0 == oy1 {
+        return;
+    }
+    let off = dy * w as isize + dx;
+    let lo = (oy0 * w).max((-off).max(0) as usize);
+    let hi = (oy1 * w).min(((h * w) as isize - off) as usize);
+    let at = |i: usize| (i as isize + off) as usize;
+    let edge = dx.unsigned_abs();
+    let first = if dx < 0 { 0 } else { w - edge };
+    let rows = KEEP.checked_div(edge).unwrap_or(oy1 - oy0);
+    let mut oy = oy0;
+    while oy < oy1 {
+        let end = (oy + rows).min(oy1);
+        let (a, b) = ((oy * w).max(lo), (end * w).min(hi));
+        let mut keep = [T::default(); KEEP];
+        let pads = (oy..end).flat_map(|r| r * w + first..r * w + first + edge);
+        for (k, i) in pads.clone().filter(|i| (a..b).contains(i)).enumerate() {
+            keep[k] = plane[at(i)];
+        }
+        for (p, &v) in plane[at(a)..at(b)].iter_mut().zip(&src[a..b]) {
+            *p += v;
+        }
+        for (k, i) in pads.filter(|i| (a..b).contains(i)).enumerate() {
+            plane[at(i)] = keep[k];
+        }
+        oy = end;
     }
 }
 

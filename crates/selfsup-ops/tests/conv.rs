@@ -15,6 +15,10 @@ fn conv2d_matches_candle_values_and_gradients() {
         (2, 64, 32, 8, 8),
         (3, 16, 24, 7, 9),
         (5, 7, 5, 11, 13),
+        // Maps as small as small-cnn's last ones (smaller ones: im2col_matches_its_definition_exactly;
+        // candle's own gradient fails on some of them).
+        (3, 4, 6, 3, 3),
+        (2, 3, 4, 2, 4),
     ] {
         for k in [1usize, 3, 5, 7] {
             for stride in [1usize, 2] {
@@ -150,4 +154,129 @@ fn winograd_forward_matches_candle() {
             assert!(d < 1e-4, "{what}: gradient differs by {d}");
         }
     }
+}
+
+/// The column matrix, entry by entry from its definition: row `(c, ky, kx)`, column
+/// `(n, oy, ox)` holds `x[n, c, oy s + ky - p, ox s + kx - p]`, 0 outside; bit for bit, over
+/// every small map, kernel, stride and padding (the "same" convolutions take their own path);
+/// `col2im` likewise against the scatter-add that defines it.
+#[test]
+fn im2col_matches_its_definition_exactly() {
+    let dev = Device::Cpu;
+    let mut same = 0;
+    for (n, c) in [(1usize, 1usize), (2, 3)] {
+        for h in 1..=6usize {
+            for w in 1..=6usize {
+                for k in [1usize, 2, 3, 5, 7] {
+                    for stride in [1usize, 2] {
+                        for pad in 0..=3usize {
+                            if h + 2 * pad < k || w + 2 * pad < k {
+                                continue;
+                            }
+                            let x = Tensor::randn(0f32, 1., (n, c, h, w), &dev).unwrap();
+                            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                            let cols: Vec<Vec<f32>> = selfsup_ops::im2col(&x, k, stride, pad)
+                                .unwrap()
+                                .to_vec2()
+                                .unwrap();
+                            let oh = (h + 2 * pad - k) / stride + 1;
+                            let ow = (w + 2 * pad - k) / stride + 1;
+                            same += usize::from(stride == 1 && oh == h && ow == w);
+                            assert_eq!((cols.len(), cols[0].len()), (c * k * k, n * oh * ow));
+                            for ci in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let row = &cols[(ci * k + ky) * k + kx];
+                                        for ni in 0..n {
+                                            for oy in 0..oh {
+                                                for ox in 0..ow {
+                                                    let iy =
+                                                        (oy * stride + ky) as isize - pad as isize;
+                                                    let ix =
+                                                        (ox * stride + kx) as isize - pad as isize;
+                                                    let want = if iy >= 0
+                                                        && ix >= 0
+                                                        && (iy as usize) < h
+                                                        && (ix as usize) < w
+                                                    {
+                                                        xs[((ni * c + ci) * h + iy as usize) * w
+                                                            + ix as usize]
+                                                    } else {
+                                                        0.0
+                                                    };
+                                                    let got = row[(ni * oh + oy) * ow + ox];
+                                                    assert_eq!(
+                                                        got.to_bits(),
+                                                        want.to_bits(),
+                                                        "n{n} c{c} {h}x{w} k{k} s{stride} p{pad}: \
+                                                         ({ci},{ky},{kx}) at ({ni},{oy},{ox})"
+                                                    );
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            // col2im, its adjoint: each column value added into the input
+                            // position it was read from, in (ky, kx) order.
+                            let g = selfsup_ops::Geometry {
+                                n,
+                                c,
+                                h,
+                                w,
+                                k,
+                                stride,
+                                pad,
+                            };
+                            let dcols =
+                                Tensor::randn(0f32, 1., (c * k * k, n * oh * ow), &dev).unwrap();
+                            let dc: Vec<Vec<f32>> = dcols.to_vec2().unwrap();
+                            let got: Vec<f32> = selfsup_ops::col2im(&dcols, g)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1()
+                                .unwrap();
+                            let mut want = vec![0f32; n * c * h * w];
+                            for ni in 0..n {
+                                for ci in 0..c {
+                                    for ky in 0..k {
+                                        for kx in 0..k {
+                                            for oy in 0..oh {
+                                                for ox in 0..ow {
+                                                    let iy =
+                                                        (oy * stride + ky) as isize - pad as isize;
+                                                    let ix =
+                                                        (ox * stride + kx) as isize - pad as isize;
+                                                    if iy >= 0
+                                                        && ix >= 0
+                                                        && (iy as usize) < h
+                                                        && (ix as usize) < w
+                                                    {
+                                                        want[((ni * c + ci) * h + iy as usize)
+                                                            * w
+                                                            + ix as usize] += dc
+                                                            [(ci * k + ky) * k + kx]
+                                                            [(ni * oh + oy) * ow + ox];
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got),
+                                bits(&want),
+                                "col2im n{n} c{c} {h}x{w} k{k} s{stride} p{pad}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(same > 50, "only {same} same-size cases");
 }
