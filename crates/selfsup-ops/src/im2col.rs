@@ -95,32 +95,78 @@ fn im2col_row<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut 
     }
 }
 
+/// One kernel offset `(ky, kx)` of a "same" convolution, one sample's plane: output index `i`
+/// reads input index `i + off`.
+#[derive(Clone, Copy)]
+struct SameShift {
+    w: usize,
+    /// Output rows `oy0..oy1` read input rows inside the image.
+    oy0: usize,
+    oy1: usize,
+    off: isize,
+    /// Output indices `lo..hi`: those rows, clipped so that `i + off` stays in the plane;
+    /// what the clipping leaves out lies in padding columns of the first or the last row.
+    lo: usize,
+    hi: usize,
+    /// Padding columns per row (`|kx - p|`), from column `first`: `ox < p - kx` on the left,
+    /// `ox >= w - (kx - p)` on the right.
+    edge: usize,
+    first: usize,
+}
+
+impl SameShift {
+    fn new(g: Geometry, ky: usize, kx: usize) -> Self {
+        let (h, w) = (g.h, g.w);
+        let dy = ky as isize - g.pad as isize;
+        let dx = kx as isize - g.pad as isize;
+        let oy0 = (-dy).clamp(0, h as isize) as usize;
+        let oy1 = (h as isize - dy).clamp(oy0 as isize, h as isize) as usize;
+        let off = dy * w as isize + dx;
+        let lo = (oy0 * w).max((-off).max(0) as usize);
+        let hi = (oy1 * w).min(((h * w) as isize - off).max(0) as usize);
+        let edge = dx.unsigned_abs();
+        let first = if dx < 0 { 0 } else { w - edge };
+        Self {
+            w,
+            oy0,
+            oy1,
+            off,
+            lo,
+            hi,
+            edge,
+            first,
+        }
+    }
+
+    /// The input index output index `i` reads.
+    fn input(&self, i: usize) -> usize {
+        (i as isize + self.off) as usize
+    }
+}
+
 /// [`im2col_row`] for a "same" convolution (stride 1, output the input's size): the output
 /// rows of one `(ky, kx)` read consecutive input rows at one shift, so one copy moves them all
 /// (instead of one short copy per row: a 3x3 map's rows are 3 values), and the columns the
 /// shift moved past the image's edge (the padding, `|kx - p|` per row) are zeroed after.
 fn im2col_row_same<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut [T]) {
-    let (h, w) = (g.h, g.w);
-    let dy = ky as isize - g.pad as isize;
-    let dx = kx as isize - g.pad as isize;
-    // Output rows whose input row oy + dy lies inside the image.
-    let oy0 = (-dy).clamp(0, h as isize) as usize;
-    let oy1 = (h as isize - dy).clamp(oy0 as isize, h as isize) as usize;
+    let shift = SameShift::new(g, ky, kx);
+    let SameShift {
+        w,
+        oy0,
+        oy1,
+        lo,
+        hi,
+        edge,
+        first,
+        ..
+    } = shift;
     d[..oy0 * w].fill(T::default());
-    d[oy1 * w..h * w].fill(T::default());
+    d[oy1 * w..g.h * w].fill(T::default());
     if oy0 == oy1 {
         return;
     }
-    // d[i] = plane[i + off] over those rows, clipped to the plane: what the clipping leaves
-    // out lies in the padding columns of the first or the last row.
-    let off = dy * w as isize + dx;
-    let lo = (oy0 * w).max((-off).max(0) as usize);
-    let hi = (oy1 * w).min(((h * w) as isize - off) as usize);
-    d[lo..hi].copy_from_slice(&plane[(lo as isize + off) as usize..(hi as isize + off) as usize]);
-    let edge = dx.unsigned_abs();
+    d[lo..hi].copy_from_slice(&plane[shift.input(lo)..shift.input(hi)]);
     if edge > 0 {
-        // The padding columns: ox < -dx on the left, ox >= w - dx on the right.
-        let first = if dx < 0 { 0 } else { w - edge };
         for oy in oy0..oy1 {
             for v in &mut d[oy * w + first..oy * w + first + edge] {
                 *v = T::default();
@@ -172,20 +218,21 @@ const KEEP: usize = 64;
 /// shift is one-to-one), so those are put back as they were: the result is that of the row by
 /// row add, bit for bit.
 fn col2im_row_same<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mut [T]) {
-    let (h, w) = (g.h, g.w);
-    let dy = ky as isize - g.pad as isize;
-    let dx = kx as isize - g.pad as isize;
-    let oy0 = (-dy).clamp(0, h as isize) as usize;
-    let oy1 = (h as isize - dy).clamp(oy0 as isize, h as isize) as usize;
+    let shift = SameShift::new(g, ky, kx);
+    let SameShift {
+        w,
+        oy0,
+        oy1,
+        lo,
+        hi,
+        edge,
+        first,
+        ..
+    } = shift;
     if oy0 == oy1 {
         return;
     }
-    let off = dy * w as isize + dx;
-    let lo = (oy0 * w).max((-off).max(0) as usize);
-    let hi = (oy1 * w).min(((h * w) as isize - off) as usize);
-    let at = |i: usize| (i as isize + off) as usize;
-    let edge = dx.unsigned_abs();
-    let first = if dx < 0 { 0 } else { w - edge };
+    let at = |i: usize| shift.input(i);
     let rows = KEEP.checked_div(edge).unwrap_or(oy1 - oy0);
     let mut oy = oy0;
     while oy < oy1 {
