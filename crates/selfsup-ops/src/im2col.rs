@@ -142,6 +142,11 @@ impl SameShift {
     fn input(&self, i: usize) -> usize {
         (i as isize + self.off) as usize
     }
+
+    /// The output indices of output rows `rows` in padding columns (`edge` per row).
+    fn pads(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = usize> + Clone + '_ {
+        rows.flat_map(move |r| r * self.w + self.first..r * self.w + self.first + self.edge)
+    }
 }
 
 /// [`im2col_row`] for a "same" convolution (stride 1, output the input's size): the output
@@ -149,29 +154,15 @@ impl SameShift {
 /// (instead of one short copy per row: a 3x3 map's rows are 3 values), and the columns the
 /// shift moved past the image's edge (the padding, `|kx - p|` per row) are zeroed after.
 fn im2col_row_same<T: Float>(plane: &[T], g: Geometry, ky: usize, kx: usize, d: &mut [T]) {
-    let shift = SameShift::new(g, ky, kx);
-    let SameShift {
-        w,
-        oy0,
-        oy1,
-        lo,
-        hi,
-        edge,
-        first,
-        ..
-    } = shift;
-    d[..oy0 * w].fill(T::default());
-    d[oy1 * w..g.h * w].fill(T::default());
-    if oy0 == oy1 {
+    let s = SameShift::new(g, ky, kx);
+    d[..s.oy0 * s.w].fill(T::default());
+    d[s.oy1 * s.w..g.h * s.w].fill(T::default());
+    if s.oy0 == s.oy1 {
         return;
     }
-    d[lo..hi].copy_from_slice(&plane[shift.input(lo)..shift.input(hi)]);
-    if edge > 0 {
-        for oy in oy0..oy1 {
-            for v in &mut d[oy * w + first..oy * w + first + edge] {
-                *v = T::default();
-            }
-        }
+    d[s.lo..s.hi].copy_from_slice(&plane[s.input(s.lo)..s.input(s.hi)]);
+    for i in s.pads(s.oy0..s.oy1) {
+        d[i] = T::default();
     }
 }
 
@@ -218,36 +209,25 @@ const KEEP: usize = 64;
 /// shift is one-to-one), so those are put back as they were: the result is that of the row by
 /// row add, bit for bit.
 fn col2im_row_same<T: Float>(src: &[T], g: Geometry, ky: usize, kx: usize, plane: &mut [T]) {
-    let shift = SameShift::new(g, ky, kx);
-    let SameShift {
-        w,
-        oy0,
-        oy1,
-        lo,
-        hi,
-        edge,
-        first,
-        ..
-    } = shift;
-    if oy0 == oy1 {
+    let s = SameShift::new(g, ky, kx);
+    if s.oy0 == s.oy1 {
         return;
     }
-    let at = |i: usize| shift.input(i);
-    let rows = KEEP.checked_div(edge).unwrap_or(oy1 - oy0);
-    let mut oy = oy0;
-    while oy < oy1 {
-        let end = (oy + rows).min(oy1);
-        let (a, b) = ((oy * w).max(lo), (end * w).min(hi));
+    let rows = KEEP.checked_div(s.edge).unwrap_or(s.oy1 - s.oy0);
+    let mut oy = s.oy0;
+    while oy < s.oy1 {
+        let end = (oy + rows).min(s.oy1);
+        let (a, b) = ((oy * s.w).max(s.lo), (end * s.w).min(s.hi));
         let mut keep = [T::default(); KEEP];
-        let pads = (oy..end).flat_map(|r| r * w + first..r * w + first + edge);
-        for (k, i) in pads.clone().filter(|i| (a..b).contains(i)).enumerate() {
-            keep[k] = plane[at(i)];
+        let pads = s.pads(oy..end).filter(|i| (a..b).contains(i));
+        for (k, i) in pads.clone().enumerate() {
+            keep[k] = plane[s.input(i)];
         }
-        for (p, &v) in plane[at(a)..at(b)].iter_mut().zip(&src[a..b]) {
+        for (p, &v) in plane[s.input(a)..s.input(b)].iter_mut().zip(&src[a..b]) {
             *p += v;
         }
-        for (k, i) in pads.filter(|i| (a..b).contains(i)).enumerate() {
-            plane[at(i)] = keep[k];
+        for (k, i) in pads.enumerate() {
+            plane[s.input(i)] = keep[k];
         }
         oy = end;
     }
