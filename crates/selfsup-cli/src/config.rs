@@ -120,10 +120,12 @@ pub(crate) struct TrainArgs {
     /// kNN monitor on flip-averaged features (each image and its mirror image).
     #[arg(long)]
     pub(crate) knn_flip: Option<bool>,
-    /// The final kNN evaluation (after the last epoch) on flip-averaged features, the
-    /// periodic ones as `--knn-flip` says.
-    #[arg(long)]
-    pub(crate) knn_final_flip: Option<bool>,
+    /// Test-time augmentation of the final kNN evaluation (after the last epoch), the
+    /// periodic ones as `--knn-flip` says: `none`, `flip` (each image and its mirror image) or
+    /// `flip-shift` (both, each also shifted one pixel down-right and up-left: six views), as
+    /// `selfsup eval knn --tta`.
+    #[arg(long, value_parser = ["none", "flip", "flip-shift"])]
+    pub(crate) knn_final_tta: Option<String>,
     /// After the last epoch, re-estimate the encoder's BatchNorm statistics on whole training
     /// images before the final kNN evaluation and checkpoint (precise BatchNorm).
     #[arg(long)]
@@ -283,7 +285,7 @@ pub(crate) fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
         train_subset,
         knn_every,
         knn_flip,
-        knn_final_flip,
+        knn_final_tta,
         bn_recalibrate,
         patch_whitening,
         crop_size,

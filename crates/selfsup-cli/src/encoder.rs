@@ -45,9 +45,11 @@ pub(crate) struct CheckpointArgs {
     /// three channels, as colorization trains on; e.g. `--baseline random --input grey`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "colour", "grey"])]
     pub(crate) input: String,
-    /// Test-time augmentation of the features: `none` (the standard protocol) or `flip` (the
-    /// mean of the features of each image and its mirror image, bank and queries alike).
-    #[arg(long, default_value = "none", value_parser = ["none", "flip"])]
+    /// Test-time augmentation of the features, bank and queries alike: `none` (the standard
+    /// protocol), `flip` (the mean of the features of each image and its mirror image) or
+    /// `flip-shift` (the mean over six views: the image and its mirror image, each as it is
+    /// and shifted one pixel down-right and one up-left, edges repeated).
+    #[arg(long, default_value = "none", value_parser = ["none", "flip", "flip-shift"])]
     pub(crate) tta: String,
     /// Before extracting features, re-estimate the encoder's BatchNorm statistics on the whole
     /// training images (precise BatchNorm, as `train --bn-recalibrate true` does after the last

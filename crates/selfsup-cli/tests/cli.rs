@@ -163,7 +163,7 @@ fn the_one_hour_preset_keeps_its_recipe() {
         "crop_min_scale = 0.35",
         "knn_every = 10",
         "knn_flip = false",
-        "knn_final_flip = true",
+        "knn_final_tta = \"flip-shift\"",
         "bn_recalibrate = true",
         "ranks = 0",
         "sync_bn = true",

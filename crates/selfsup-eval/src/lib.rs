@@ -19,7 +19,9 @@ mod knn;
 mod linear;
 mod precise_bn;
 
-pub use features::{extract_features, extract_features_tta, flip_horizontal, Features, Tta};
+pub use features::{
+    extract_features, extract_features_tta, flip_horizontal, shift_replicate, Features, Tta,
+};
 pub use knn::{knn, knn_predict, topk_accuracy, KnnConfig};
 pub use linear::{linear_probe, LinearProbeConfig, ProbeResult};
 pub use precise_bn::recalibrate_batch_norm;

@@ -201,3 +201,71 @@ fn flip_tta_averages_each_image_with_its_mirror() {
         .to_string()
         .contains("known: none, flip"));
 }
+
+#[test]
+fn shift_replicate_moves_the_image_and_repeats_its_edge() {
+    // One 3x4 channel: value 10 r + c.
+    let v: Vec<f32> = (0..3)
+        .flat_map(|r| (0..4).map(move |c| (10 * r + c) as f32))
+        .collect();
+    let x = Tensor::from_vec(v, (1, 1, 3, 4), &Device::Cpu).unwrap();
+    let rows =
+        |t: &Tensor| -> Vec<Vec<f32>> { t.get(0).unwrap().get(0).unwrap().to_vec2().unwrap() };
+    let down_right = shift_replicate(&x, 1, 1).unwrap();
+    assert_eq!(
+        rows(&down_right),
+        vec![
+            vec![0., 0., 1., 2.],
+            vec![0., 0., 1., 2.],
+            vec![10., 10., 11., 12.]
+        ]
+    );
+    let up_left = shift_replicate(&x, -1, -1).unwrap();
+    assert_eq!(
+        rows(&up_left),
+        vec![
+            vec![11., 12., 13., 13.],
+            vec![21., 22., 23., 23.],
+            vec![21., 22., 23., 23.]
+        ]
+    );
+    assert_eq!(rows(&shift_replicate(&x, 0, 0).unwrap()), rows(&x));
+    let e = shift_replicate(&x, 3, 0).unwrap_err().to_string();
+    assert!(e.contains("a shift of 3 pixels in an image of 3"), "{e}");
+}
+
+#[test]
+fn flip_shift_tta_averages_six_views() {
+    let (_vm, enc, l) = small_cnn_and_stripes(12, 5, 5, false);
+    let tta = extract_features_tta(enc.as_ref(), &l, &Device::Cpu, Tta::FlipShift).unwrap();
+    let flip = extract_features_tta(enc.as_ref(), &l, &Device::Cpu, Tta::Flip).unwrap();
+    let x = Tensor::cat(
+        &l.epoch(0)
+            .map(|b| b.unwrap().views[0].clone())
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .unwrap();
+    // By hand: the image, shifted down-right and up-left, each with its mirror image.
+    let mut sum = (&flip.x * 2.0).unwrap();
+    for d in [1, -1] {
+        let s = shift_replicate(&x, d, d).unwrap();
+        sum = (sum + enc.features(&s).unwrap()).unwrap();
+        sum = (sum + enc.features(&flip_horizontal(&s).unwrap()).unwrap()).unwrap();
+    }
+    let want = (sum / 6.0).unwrap();
+    let (a, b, f): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        tta.x.flatten_all().unwrap().to_vec1().unwrap(),
+        want.flatten_all().unwrap().to_vec1().unwrap(),
+        flip.x.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-5));
+    assert!(a.iter().zip(&f).any(|(p, q)| (p - q).abs() > 1e-4));
+    assert_eq!(tta.labels, flip.labels);
+    assert_eq!("flip-shift".parse::<Tta>().unwrap(), Tta::FlipShift);
+    assert_eq!(Tta::FlipShift.to_string(), "flip-shift");
+    assert_eq!(
+        [Tta::None, Tta::Flip, Tta::FlipShift].map(Tta::views),
+        [1, 2, 6]
+    );
+}

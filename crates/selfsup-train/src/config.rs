@@ -102,11 +102,14 @@ pub struct TrainConfig {
     pub knn_every: usize,
     /// kNN monitor: features averaged over each image and its mirror image (test-time flip).
     pub knn_flip: bool,
-    /// The final kNN evaluation (after the last epoch, the one of the run's record) on
-    /// flip-averaged features even when the monitor's periodic evaluations are plain
-    /// (`knn_flip` false): the monitor stays cheap, the result is that of
-    /// `selfsup eval knn --tta flip`.
-    pub knn_final_flip: bool,
+    /// Test-time augmentation of the final kNN evaluation (after the last epoch, the one of
+    /// the run's record): `none`, `flip` or `flip-shift` ([`selfsup_eval::Tta`]); the periodic
+    /// evaluations stay plain (or flip-averaged with `knn_flip`), so the monitor stays cheap,
+    /// and the result is that of `selfsup eval knn --tta <this>`. The final evaluation takes
+    /// the richer of this and the monitor's. Configs written before this option, with
+    /// `knn_final_flip = true / false`, read as `flip` / `none`.
+    #[serde(alias = "knn_final_flip", deserialize_with = "tta_or_bool")]
+    pub knn_final_tta: String,
     /// kNN neighbours.
     pub knn_k: usize,
     /// kNN vote temperature.
@@ -196,7 +199,7 @@ impl Default for TrainConfig {
             out: "runs/simclr".into(),
             knn_every: 1,
             knn_flip: false,
-            knn_final_flip: false,
+            knn_final_tta: "none".into(),
             knn_k: 200,
             knn_temperature: 0.1,
             knn_test_subset: 0,
@@ -238,6 +241,23 @@ impl TrainConfig {
     pub fn from_toml(s: &str) -> Result<Self> {
         toml::from_str(s)
             .map_err(|e| Error::Config(format!("bad config: {}", e.to_string().trim())))
+    }
+
+    /// The test-time augmentation of the kNN monitor's periodic evaluations.
+    pub fn monitor_tta(&self) -> selfsup_eval::Tta {
+        if self.knn_flip {
+            selfsup_eval::Tta::Flip
+        } else {
+            selfsup_eval::Tta::None
+        }
+    }
+
+    /// The test-time augmentation of the final kNN evaluation: the richer of `knn_final_tta`
+    /// and the monitor's (an unparsable `knn_final_tta`, which [`Self::validate`] rejects,
+    /// counts as none).
+    pub fn final_tta(&self) -> selfsup_eval::Tta {
+        let fin = self.knn_final_tta.parse().unwrap_or_default();
+        self.monitor_tta().max(fin)
     }
 
     /// As TOML.
@@ -429,6 +449,9 @@ impl TrainConfig {
                 self.jitter_scale
             ));
         }
+        self.knn_final_tta
+            .parse::<selfsup_eval::Tta>()
+            .map_err(|e| Error::Config(format!("knn_final_tta: {e}")))?;
         // The kNN monitor's settings fail here, not after the first epoch.
         if self.knn_every > 0 {
             selfsup_eval::KnnConfig {
@@ -442,9 +465,52 @@ impl TrainConfig {
     }
 }
 
+/// `knn_final_tta` as a name, or as the boolean of the older `knn_final_flip`.
+fn tta_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrBool {
+        Name(String),
+        Bool(bool),
+    }
+    Ok(match NameOrBool::deserialize(d)? {
+        NameOrBool::Name(s) => s,
+        NameOrBool::Bool(true) => "flip".into(),
+        NameOrBool::Bool(false) => "none".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_final_evaluations_augmentation_reads_old_and_new_configs() {
+        let old = TrainConfig::from_toml("knn_final_flip = true").unwrap();
+        assert_eq!(old.knn_final_tta, "flip");
+        assert_eq!(old.final_tta(), selfsup_eval::Tta::Flip);
+        let off = TrainConfig::from_toml("knn_final_flip = false").unwrap();
+        assert_eq!(off.final_tta(), selfsup_eval::Tta::None);
+        let new = TrainConfig::from_toml("knn_final_tta = \"flip-shift\"").unwrap();
+        assert_eq!(new.final_tta(), selfsup_eval::Tta::FlipShift);
+        new.validate().unwrap();
+        // The monitor's flip raises a plainer final evaluation to its own.
+        let monitor_flip = TrainConfig::from_toml("knn_flip = true").unwrap();
+        assert_eq!(monitor_flip.final_tta(), selfsup_eval::Tta::Flip);
+        // Written back, a config keeps the new name only.
+        let toml = old.to_toml();
+        assert!(toml.contains("knn_final_tta = \"flip\""), "{toml}");
+        assert!(!toml.contains("knn_final_flip"), "{toml}");
+        let bad = TrainConfig {
+            knn_final_tta: "rotate".into(),
+            ..TrainConfig::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("knn_final_tta") && e.contains("flip-shift"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn automatic_ranks_take_every_core_that_divides_the_batch() {

@@ -195,24 +195,29 @@ impl Trainer {
     }
 
     /// What the budget expects the run to spend after its last epoch besides the kNN
-    /// evaluation, from the cost `knn_s` of one: the BatchNorm recalibration, a training-mode
-    /// pass over the bank's images, about one evaluation of plain features (half of a
-    /// flip-averaged one).
+    /// evaluation, from the cost `knn_s` of one periodic evaluation: the BatchNorm
+    /// recalibration, a training-mode pass over the bank's images, about one evaluation of
+    /// plain features (half of a flip-averaged one); and, when the final evaluation averages
+    /// over more views than the periodic ones, those views' forward passes.
     fn final_cost(&self, knn_s: f64) -> f64 {
-        let recalibrate = match (self.cfg.bn_recalibrate, self.cfg.knn_flip) {
-            (false, _) => 0.0,
-            (true, false) => knn_s,
-            (true, true) => knn_s / 2.0,
+        let monitor_views = self.cfg.monitor_tta().views() as f64;
+        let recalibrate = if self.cfg.bn_recalibrate {
+            knn_s / monitor_views
+        } else {
+            0.0
         };
-        // A flip-averaged final evaluation after plain periodic ones: a second pass over both
-        // image sets, about one more evaluation.
-        let flip = if self.final_flip_only() { knn_s } else { 0.0 };
-        recalibrate + flip
+        let final_views = self.cfg.final_tta().views() as f64;
+        recalibrate + knn_s * (final_views / monitor_views - 1.0)
     }
 
-    /// Whether the final kNN evaluation averages over flips while the periodic ones do not.
-    fn final_flip_only(&self) -> bool {
-        self.cfg.knn_final_flip && !self.cfg.knn_flip
+    /// The test-time augmentation of a kNN evaluation now: the final evaluation's once the
+    /// last epoch is done, the monitor's before.
+    fn knn_tta(&self) -> Tta {
+        if self.epoch >= self.cfg.epochs {
+            self.cfg.final_tta()
+        } else {
+            self.cfg.monitor_tta()
+        }
     }
 
     /// Precise BatchNorm on the encoder (every rank; rank 0's buffers on every rank after it):
@@ -472,19 +477,15 @@ impl Trainer {
     }
 
     /// kNN top-1 / top-5 of the current encoder with the monitor's data, on flip-averaged
-    /// features with `knn_flip`, or with `knn_final_flip` once the last epoch is done.
+    /// features with `knn_flip`, or with the final evaluation's augmentation
+    /// ([`TrainConfig::final_tta`]) once the last epoch is done.
     /// Data-parallel: every rank extracts the features of its share, they are gathered, and
     /// only rank 0 gets a result (the others `None`); every rank must call it.
     pub fn knn_eval(&self) -> Result<Option<(f64, f64)>> {
         let Some(m) = &self.monitor else {
             return Ok(None);
         };
-        let last = self.epoch >= self.cfg.epochs;
-        let tta = if self.cfg.knn_flip || (self.cfg.knn_final_flip && last) {
-            Tta::Flip
-        } else {
-            Tta::None
-        };
+        let tta = self.knn_tta();
         let bank = extract_features_tta(self.method.encoder(), &m.bank, &self.device, tta)?;
         let test = extract_features_tta(self.method.encoder(), &m.test, &self.device, tta)?;
         let (Some(bl), Some(tl)) = (&bank.labels, &test.labels) else {
@@ -851,11 +852,12 @@ impl Trainer {
                 self.last_knn = Some(t1);
                 summary.knn.push((self.epoch, t1));
             }
+            let knn_tta = self.knn_tta();
             let line = serde_json::json!({
                 "kind": "epoch", "epoch": self.epoch, "step": self.step, "loss": mean_loss,
                 "knn_top1": knn_res.map(|r| r.0), "knn_top5": knn_res.map(|r| r.1),
-                "knn_flip": knn_res.map(|_| self.cfg.knn_flip
-                    || (self.cfg.knn_final_flip && self.epoch >= self.cfg.epochs)),
+                "knn_flip": knn_res.map(|_| knn_tta >= Tta::Flip),
+                "knn_tta": knn_res.map(|_| knn_tta.to_string()),
                 "wall_s": wall, "images_per_s": ep_images as f64 / wall, "data_wait": ep_wait / wall,
                 "bn_recalibrate_s": (recal_s > 0.0).then_some(recal_s),
             });

@@ -88,8 +88,8 @@ fn local_views_are_refused_where_they_cannot_work() {
     assert!(e.contains("local crop scale"), "{e}");
 }
 
-/// The kNN results of a run's epoch lines: (epoch, top-1, top-5, flip-averaged).
-fn knn_lines(dir: &std::path::Path) -> Vec<(u64, f64, f64, bool)> {
+/// The kNN results of a run's epoch lines: (epoch, top-1, top-5, flip-averaged, augmentation).
+fn knn_lines(dir: &std::path::Path) -> Vec<(u64, f64, f64, bool, String)> {
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     metrics
         .lines()
@@ -101,6 +101,7 @@ fn knn_lines(dir: &std::path::Path) -> Vec<(u64, f64, f64, bool)> {
                 v["knn_top1"].as_f64().unwrap(),
                 v["knn_top5"].as_f64().unwrap(),
                 v["knn_flip"].as_bool().unwrap(),
+                v["knn_tta"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -117,12 +118,12 @@ fn final_flip_averages_only_the_last_evaluation() {
         ))),
         ..data()
     };
-    let run = |flip: bool, final_flip: bool| {
+    let run = |flip: bool, final_tta: &str| {
         let d = tempfile::tempdir().unwrap();
         let c = TrainConfig {
             knn_every: 1,
             knn_flip: flip,
-            knn_final_flip: final_flip,
+            knn_final_tta: final_tta.into(),
             threads: 1,
             ..cfg(d.path(), 0)
         };
@@ -131,12 +132,28 @@ fn final_flip_averages_only_the_last_evaluation() {
         drop(t);
         (knn_lines(d.path()), weights(d.path()))
     };
-    let (final_only, wa) = run(false, true);
-    let (always, wb) = run(true, false);
-    let (never, wc) = run(false, false);
+    let (final_only, wa) = run(false, "flip");
+    let (always, wb) = run(true, "none");
+    let (never, wc) = run(false, "none");
+    let (shifted, wd) = run(false, "flip-shift");
+    let (always_shifted, we) = run(true, "flip-shift");
     // The evaluations do not touch training.
     assert_eq!(wa, wb);
     assert_eq!(wa, wc);
+    assert_eq!(wa, wd);
+    assert_eq!(wa, we);
+    // Six views at the end only, the periodic evaluation as the monitor's setting says.
+    assert_eq!(shifted[0], never[0]);
+    assert_eq!(always_shifted[0], always[0]);
+    assert_eq!(shifted[1].4, "flip-shift");
+    assert_eq!(shifted[1], always_shifted[1]);
+    assert_eq!(never[1].4, "none");
+    assert_eq!(always[1].4, "flip");
+    assert_ne!(
+        (shifted[1].1, shifted[1].2),
+        (final_only[1].1, final_only[1].2),
+        "the shifted views changed nothing here, so this test cannot tell"
+    );
     assert_eq!(final_only.len(), 2, "{final_only:?}");
     // Epoch 1 is a periodic evaluation: plain features, as without final_flip.
     assert_eq!(final_only[0], never[0]);
