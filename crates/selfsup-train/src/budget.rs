@@ -7,8 +7,9 @@
 //! refits from the costs so far ([`refit_epochs`]; an epoch's cost is the larger of the mean
 //! over all epochs and over the last few, [`epoch_cost`]): the run is shortened as soon as the
 //! machine got slower than the length allows, and lengthened (never past the configured
-//! epochs) at kNN epochs when it got faster, so that a calibration epoch slower or faster than
-//! the run's mean neither wastes the budget nor overruns it. The cosine schedule follows the
+//! epochs) as soon as it got faster (at kNN epochs only until `47c93b4`, which left a run
+//! whose last stretch sped up 3 minutes of its hour), so that a calibration epoch slower or
+//! faster than the run's mean neither wastes the budget nor overruns it. The cosine schedule follows the
 //! current length; the learning-rate warmup does not depend on it, so when the warmup covers
 //! the first epoch, the method has no length-dependent momentum schedule and no refit changed
 //! the length, the run is step for step the run with `--epochs N`. Every length is written to
@@ -82,9 +83,9 @@ pub fn fit_epochs(
 }
 
 /// The length after epoch `done` of a run fitted to `current` epochs, from the costs so far
-/// (`c.epoch_s`: [`epoch_cost`]): shortened as soon as `current` no longer fits the budget less half the margin (to the
-/// most that do), lengthened to [`fit_epochs`] only where `grow` (the trainer's kNN epochs),
-/// otherwise `current`. The two thresholds keep noise in the costs from moving the schedule
+/// (`c.epoch_s`: [`epoch_cost`]): shortened as soon as `current` no longer fits the budget less
+/// half the margin (to the most that do), lengthened to [`fit_epochs`] where `grow` (the
+/// trainer: after every epoch), otherwise `current`. The two thresholds keep noise in the costs from moving the schedule
 /// back and forth.
 pub fn refit_epochs(
     current: usize,

@@ -72,6 +72,9 @@ pub struct Trainer {
     progress: Option<Box<dyn Progress>>,
     /// Whole training images for `bn_recalibrate` (this rank's part of shuffled global batches).
     bn_data: Option<Loader>,
+    /// Seconds the last kNN evaluation spent extracting and gathering features (the rest of
+    /// it is the vote, paid once whatever the views): the time budget's measure of a view.
+    knn_extract_s: std::cell::Cell<f64>,
 }
 
 /// The optimiser's view of a method: its trainable variables, each marked for weight decay or not.
@@ -183,6 +186,7 @@ impl Trainer {
             stop: None,
             progress: None,
             bn_data: None,
+            knn_extract_s: std::cell::Cell::new(0.0),
         })
     }
 
@@ -195,19 +199,22 @@ impl Trainer {
     }
 
     /// What the budget expects the run to spend after its last epoch besides the kNN
-    /// evaluation, from the cost `knn_s` of one periodic evaluation: the BatchNorm
-    /// recalibration, a training-mode pass over the bank's images, about one evaluation of
-    /// plain features (half of a flip-averaged one); and, when the final evaluation averages
-    /// over more views than the periodic ones, those views' forward passes.
-    fn final_cost(&self, knn_s: f64) -> f64 {
+    /// evaluation, from the cost `knn_s` of one periodic evaluation, `extract_s` of it spent
+    /// on the features of its views: the BatchNorm recalibration, a training-mode pass over
+    /// the bank's images, about one plain view's extraction; and, when the final evaluation
+    /// averages over more views than the periodic ones, those views' extraction (the vote is
+    /// paid once).
+    fn final_cost(&self, knn_s: f64, extract_s: f64) -> f64 {
+        let extract_s = if extract_s > 0.0 { extract_s } else { knn_s };
         let monitor_views = self.cfg.monitor_tta().views() as f64;
+        let per_view = extract_s / monitor_views;
         let recalibrate = if self.cfg.bn_recalibrate {
-            knn_s / monitor_views
+            per_view
         } else {
             0.0
         };
         let final_views = self.cfg.final_tta().views() as f64;
-        recalibrate + knn_s * (final_views / monitor_views - 1.0)
+        recalibrate + per_view * (final_views - monitor_views).max(0.0)
     }
 
     /// The test-time augmentation of a kNN evaluation now: the final evaluation's once the
@@ -486,6 +493,7 @@ impl Trainer {
             return Ok(None);
         };
         let tta = self.knn_tta();
+        let t = Instant::now();
         let bank = extract_features_tta(self.method.encoder(), &m.bank, &self.device, tta)?;
         let test = extract_features_tta(self.method.encoder(), &m.test, &self.device, tta)?;
         let (Some(bl), Some(tl)) = (&bank.labels, &test.labels) else {
@@ -493,6 +501,7 @@ impl Trainer {
         };
         let (bank_x, bl) = gather_features(&self.comm, &bank.x, bl)?;
         let (test_x, tl) = gather_features(&self.comm, &test.x, tl)?;
+        self.knn_extract_s.set(t.elapsed().as_secs_f64());
         if !self.is_writer() {
             return Ok(None);
         }
@@ -626,7 +635,8 @@ impl Trainer {
         let fitting = self.cfg.time_budget_s > 0.0 && self.step == 0;
         // The configured epochs cap every fit; kNN seconds spent and evaluations so far.
         let max_epochs = self.cfg.epochs;
-        let mut knn_spent = (0f64, 0usize);
+        // kNN evaluations so far: seconds, of them extracting features, and their number.
+        let mut knn_spent = (0f64, 0f64, 0usize);
         // Training seconds (kNN evaluations excluded) by the end of each epoch: the refits'
         // epoch cost, `budget::epoch_cost`.
         let mut epoch_ends: Vec<f64> = Vec::new();
@@ -763,21 +773,24 @@ impl Trainer {
             // A budgeted run refits its length at every later epoch end, before deciding on
             // this epoch's kNN evaluation, from the costs so far (an epoch: the mean, or the
             // last few epochs' mean when larger): it shortens the run whenever the machine
-            // turned slower, and lengthens it (up to the configured epochs) only at kNN
-            // epochs, so that the schedule moves rarely.
+            // turned slower (the current length no longer fits the budget less half its
+            // margin), and lengthens it (up to the configured epochs) whenever the machine
+            // turned faster (a longer run fits the budget less its whole margin; the gap
+            // between the two keeps the schedule from moving back and forth).
             if fitting {
                 epoch_ends.push(started.elapsed().as_secs_f64() - knn_spent.0);
             }
             if fitting && self.epoch > 1 && self.epoch < self.cfg.epochs {
                 let elapsed_s = started.elapsed().as_secs_f64();
+                let evals = knn_spent.2.max(1) as f64;
+                let knn_s = knn_spent.0 / evals;
                 let costs = EpochCosts {
                     elapsed_s,
                     epoch_s: crate::budget::epoch_cost(&epoch_ends),
-                    knn_s: knn_spent.0 / knn_spent.1.max(1) as f64,
-                    final_s: self.final_cost(knn_spent.0 / knn_spent.1.max(1) as f64),
+                    knn_s,
+                    final_s: self.final_cost(knn_s, knn_spent.1 / evals),
                 };
-                let grow = self.cfg.knn_every == 0 || self.epoch % self.cfg.knn_every == 0;
-                let fitted = self.decide_length(costs, max_epochs, Some(grow), writer)?;
+                let fitted = self.decide_length(costs, max_epochs, Some(true), writer)?;
                 if fitted != self.cfg.epochs {
                     self.set_length(
                         fitted,
@@ -814,14 +827,18 @@ impl Trainer {
                 0.0
             };
             if knn_due {
-                knn_spent = (knn_spent.0 + knn_s, knn_spent.1 + 1);
+                knn_spent = (
+                    knn_spent.0 + knn_s,
+                    knn_spent.1 + self.knn_extract_s.get().min(knn_s),
+                    knn_spent.2 + 1,
+                );
             }
             if calibrate {
                 let costs = EpochCosts {
                     elapsed_s: started.elapsed().as_secs_f64(),
                     epoch_s: wall,
                     knn_s,
-                    final_s: self.final_cost(knn_s),
+                    final_s: self.final_cost(knn_s, self.knn_extract_s.get().min(knn_s)),
                 };
                 let fitted = self.decide_length(costs, max_epochs, None, writer)?;
                 self.set_length(
