@@ -15,7 +15,7 @@ use selfsup_train::TrainConfig;
 /// first epoch the run fits its length (at most 60 epochs) so that training, the kNN
 /// evaluations and the final one end inside the budget less its 2% margin, and refits it
 /// after every epoch from the costs so far (shorter as soon as the machine slows down,
-/// longer at kNN epochs when it speeds up). `cifar10-gpu`: ResNet-18 (CIFAR stem), batch 512,
+/// longer as soon as it speeds up enough for another epoch). `cifar10-gpu`: ResNet-18 (CIFAR stem), batch 512,
 /// SGD lr 6e-2 x 512/128, weight decay 5e-4, 200 epochs, cosine schedule: lightly's CIFAR-10
 /// benchmark recipe for SimCLR.
 pub fn preset(name: &str) -> Result<TrainConfig> {

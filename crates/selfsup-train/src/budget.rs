@@ -7,7 +7,7 @@
 //! refits from the costs so far ([`refit_epochs`]; an epoch's cost is the larger of the mean
 //! over all epochs and over the last few, [`epoch_cost`]): the run is shortened as soon as the
 //! machine got slower than the length allows, and lengthened (never past the configured
-//! epochs) as soon as it got faster (at kNN epochs only until `47c93b4`, which left a run
+//! epochs) as soon as it got faster (at kNN epochs only before `620a92d`, which left a run
 //! whose last stretch sped up 3 minutes of its hour), so that a calibration epoch slower or
 //! faster than the run's mean neither wastes the budget nor overruns it. The cosine schedule follows the
 //! current length; the learning-rate warmup does not depend on it, so when the warmup covers

@@ -3,7 +3,7 @@
 //! from epoch 25 on; `cpu-1h-v16`, the six-view final evaluation), and the quiet run with its
 //! epochs made 1.2-1.5 times slower from epoch 20, 27 or 33 on. Each replay makes the
 //! trainer's decisions (`Trainer::fit`: the first fit after epoch 1, a refit after every later
-//! epoch that may lengthen the run; until `47c93b4` only at kNN epochs) with the budget's
+//! epoch that may lengthen the run; before `620a92d` only at kNN epochs) with the budget's
 //! functions, and checks that the run, its kNN evaluations, the BatchNorm recalibration and
 //! the final kNN end inside the hour.
 
@@ -39,7 +39,7 @@ const OTHER_S: f64 = 15.0;
 
 /// What a replayed run's evaluations cost: a periodic kNN evaluation, what the trainer
 /// budgets after the last epoch besides it (`Trainer::final_cost`), what that really took, and
-/// whether the run may lengthen after every epoch (since `47c93b4`) or only at kNN epochs.
+/// whether the run may lengthen after every epoch (since `620a92d`) or only at kNN epochs.
 #[derive(Clone, Copy)]
 struct Evals {
     knn_s: f64,
