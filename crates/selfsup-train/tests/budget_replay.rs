@@ -56,8 +56,9 @@ const PLAIN: Evals = Evals {
     grow_every_epoch: true,
 };
 
-/// `cpu-1h-v16`'s: a kNN evaluation 19.3 s, 12.1 s of it extracting one view of the 60,000
-/// images (the six-view final evaluation took 80 s: 19.3 + 5 x 12.1), the recalibration 10.6 s.
+/// `cpu-1h-v16`'s: a kNN evaluation 19.3 s, about 12.1 s of it extracting one view of the 60,000
+/// images (inferred, not timed: the six-view final evaluation took 80 s = 19.3 + 5 x 12.1), the
+/// recalibration 10.6 s.
 const SIX_VIEWS: Evals = Evals {
     knn_s: 19.3,
     // One view's extraction for the recalibration, five more views for the final evaluation.
