@@ -7,12 +7,12 @@ use selfsup_train::TrainConfig;
 /// `cifar10-cpu`: small-cnn sized for a 2-core machine. `cifar10-cpu-1h`: the best recipe
 /// measured for an hour on the 2-core machine (docs/results.md has the ablations that chose
 /// it): VICReg (LARS, lr 0.25, weight decay 1e-6) with a 1024-1024-1024 projector, batch 256,
-/// global views of 20 px cropped from 35-100% of the image, the kNN monitor every 10 epochs
+/// global views of 24 px cropped from 35-100% of the image, the kNN monitor every 10 epochs
 /// on plain features (the protocol of `selfsup eval knn`; flip-averaged features cost twice
 /// as much), the final evaluation on features averaged over flips and one-pixel shifts
 /// (`selfsup eval knn --tta flip-shift`), one data-parallel rank per core as threads of this process with synchronised
 /// BatchNorm (the one-process run, faster), and a time budget of the hour itself: after the
-/// first epoch the run fits its length (at most 80 epochs) so that training, the kNN
+/// first epoch the run fits its length (at most 60 epochs) so that training, the kNN
 /// evaluations and the final one end inside the budget less its 2% margin, and refits it
 /// after every epoch from the costs so far (shorter as soon as the machine slows down,
 /// longer as soon as it speeds up enough for another epoch). `cifar10-gpu`: ResNet-18 (CIFAR stem), batch 512,
@@ -50,18 +50,13 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
                 // speed-ups its loss stalls from epoch 10 on and the embeddings partly collapse;
                 // at 0.25 the same schedule keeps learning (docs/results.md).
                 lr: 0.25,
-                // A cap, not the length: the budget fits the run to the hour (about 60 epochs
-                // of 20 px views on the 2-core machine).
-                epochs: 80,
+                epochs: 60,
                 // The hour; the budget's margin (2%) keeps the run at least a minute
                 // inside it.
                 time_budget_s: 60.0 * 60.0,
                 // The warmup covers the first epoch, so the fitted run equals `--epochs N`.
                 warmup_epochs: 1.0,
-                // 20 px views: 1.30x the images per second of 24 px on the 2-core machine (the
-                // encoder's cost falls with the area; 18 and 16 px are no faster, as the
-                // projector and the loss take over), so the hour holds about 13 more epochs.
-                crop_size: 20,
+                crop_size: 24,
                 crop_min_scale: 0.35,
                 proj_hidden: 1024,
                 proj_out: 1024,
@@ -75,7 +70,7 @@ pub fn preset(name: &str) -> Result<TrainConfig> {
                 // test-time feature averaging; docs/results.md measures it against flip alone).
                 knn_final_tta: "flip-shift".into(),
                 // The BatchNorm statistics of whole 32 px images instead of the last steps'
-                // 20 px crops for the final evaluation and checkpoint (docs/results.md).
+                // 24 px crops for the final evaluation and checkpoint (docs/results.md).
                 bn_recalibrate: true,
                 // One rank per core as threads of this process, BatchNorm over the global
                 // batch: the same run as one process (tested), faster on a few cores.
